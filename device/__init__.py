@@ -1,0 +1,1 @@
+"""The recording agent that runs on each classroom unit."""

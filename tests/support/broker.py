@@ -1,0 +1,1 @@
+"""Real Mosquitto broker fixture (to be written)."""

@@ -1,0 +1,1 @@
+"""Real SeaweedFS S3 fixture (to be written)."""
