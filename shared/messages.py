@@ -212,6 +212,7 @@ class EndReason(StrEnum):
     ERROR = "error"
     POWER_LOSS = "power_loss"
     DISK_FULL = "disk_full"
+    SHUTDOWN = "shutdown"
 
 
 class RecordingStatus(StrEnum):
