@@ -1,0 +1,259 @@
+"""A real agent process against a real broker, real ffmpeg and SeaweedFS as district storage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.storage.s3 import S3Storage
+from device.journal import SegmentState
+from device.segmentlist import read_segment_list
+from shared.messages import CommandAction, CommandStatus, EventKind, RecordingStatus
+from shared.topics import Channel
+from tests.support.agent_proc import AgentProcess, make_agent
+from tests.support.media import probe
+from tests.support.processes import wait_for
+from tests.support.standin_controller import StandinController
+
+FRAME_S = 0.1  # the simulated units record at 10 fps
+
+
+@pytest.fixture
+def controller(broker: Any, s3_storage: S3Storage) -> Iterator[StandinController]:
+    standin = StandinController("127.0.0.1", broker.port, s3_storage)
+    standin.start()
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        agent.stop()
+
+
+def _start_agent(agents: list[AgentProcess], tmp_path: Path, broker: Any, name: str, **cfg: Any) -> AgentProcess:
+    agent = make_agent(tmp_path, name, broker.url, **cfg)
+    agents.append(agent)
+    agent.start()
+    return agent
+
+
+def _stored_keys(storage: S3Storage, device_id: str) -> list[str]:
+    client = storage.client
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=storage.settings.bucket, Prefix=f"{storage.settings.prefix}/{device_id}/"
+    ):
+        keys.extend(obj["Key"] for obj in page.get("Contents", []))
+    return keys
+
+
+def _spool_segments(agent: AgentProcess) -> list[Path]:
+    return sorted((agent.data_dir / "spool").glob("*/seg-*.mp4"))
+
+
+def _all_stored(agent: AgentProcess, recording_id: str, expected: int | None = None) -> bool:
+    journal = agent.journal()
+    try:
+        rows = journal.all_segments(recording_id)
+    finally:
+        journal.close()
+    if expected is not None and len(rows) != expected:
+        return False
+    return bool(rows) and all(r.state is SegmentState.STORED for r in rows)
+
+
+@pytest.mark.slow
+def test_three_and_a_half_minutes_in_sixty_second_segments(
+    tmp_path: Path, broker: Any, controller: StandinController, s3_storage: S3Storage, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-long", segment_seconds=60)
+    start = controller.send_command("unit-long", CommandAction.START_RECORDING)
+    done = controller.wait_result("unit-long", start.id, CommandStatus.DONE)
+    began = time.monotonic()
+    recording_id = done.recording_id
+    assert recording_id is not None
+    time.sleep(210 - (time.monotonic() - began))
+    stop = controller.send_command("unit-long", CommandAction.STOP_RECORDING)
+    controller.wait_result("unit-long", stop.id, CommandStatus.DONE)
+    wall = time.monotonic() - began
+
+    rec_dir = agent.data_dir / "spool" / recording_id
+    listed = read_segment_list(rec_dir)
+    assert [s.sequence for s in listed] == [0, 1, 2, 3]
+    for before, after in zip(listed, listed[1:], strict=False):
+        assert abs(after.media_start_s - before.media_end_s) <= FRAME_S
+    total = 0.0
+    for segment in listed:
+        info = probe(segment.path)
+        assert info.video_codec == "h264" and info.audio_codec == "aac"
+        total += info.video_duration
+    assert abs(total - wall) <= 1.0, (total, wall)
+
+    assert wait_for(lambda: _all_stored(agent, recording_id, 4), 60), agent.log_tail()
+    keys = _stored_keys(s3_storage, "unit-long")
+    assert sorted(k.rsplit("/", 1)[1] for k in keys if "seg-" in k) == [
+        f"seg-0000{i}.mp4" for i in range(4)
+    ]
+    assert wait_for(lambda: not _spool_segments(agent), 10)
+
+
+def test_kill9_mid_segment_recovers_partial_segment_and_uploads_it(
+    tmp_path: Path, broker: Any, controller: StandinController, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-crash", segment_seconds=10)
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
+    recording_id = str(agent.status()["recording_id"])
+    time.sleep(16)  # one whole segment, then 6 s into the second
+    agent.kill9()
+    rec_dir = agent.data_dir / "spool" / recording_id
+    cut = rec_dir / "seg-00001.mp4"
+    assert cut.exists()
+
+    agent.start()
+    journal = agent.journal()
+    try:
+        manifest = journal.manifest(recording_id)
+        assert manifest is not None
+        assert manifest.status is RecordingStatus.INTERRUPTED
+        row = journal.segment(recording_id, 1)
+        assert row is not None and row.recovered
+    finally:
+        journal.close()
+    info = probe(cut)
+    assert info.video_codec == "h264" and info.audio_codec == "aac"
+    assert info.video_duration >= 2.0
+    assert wait_for(lambda: _all_stored(agent, recording_id), 60), agent.log_tail()
+    recovered = controller.of("unit-crash", Channel.EVENT)
+    assert any(e.kind is EventKind.RECORDING_RECOVERED for e in recovered)
+
+
+@pytest.mark.slow
+def test_broker_down_two_minutes_recording_continues_and_everything_uploads_once(
+    tmp_path: Path, broker: Any, controller: StandinController, s3_storage: S3Storage, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-offline", segment_seconds=20)
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
+    recording_id = str(agent.status()["recording_id"])
+    time.sleep(5)
+    broker.stop()
+    time.sleep(120)
+    assert agent.status()["state"] == "recording"
+    assert not agent.status()["connected"]
+    queued = len(_spool_segments(agent))
+    assert queued >= 6
+    broker.start()
+    time.sleep(10)
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "idle", 15)
+    assert wait_for(lambda: _all_stored(agent, recording_id), 90), agent.log_tail()
+
+    journal = agent.journal()
+    try:
+        count = len(journal.all_segments(recording_id))
+    finally:
+        journal.close()
+    keys = [k for k in _stored_keys(s3_storage, "unit-offline") if "seg-" in k]
+    assert len(keys) == len(set(keys)) == count
+    grantor = controller.grantor("unit-offline")
+    assert grantor.stored_count == count
+    assert not _spool_segments(agent)
+
+
+def test_disk_budget_refuses_new_recording_and_keeps_segments(
+    tmp_path: Path, broker: Any, controller: StandinController, agents: list[AgentProcess]
+) -> None:
+    controller.answer_segments = False
+    agent = _start_agent(agents, tmp_path, broker, "unit-disk", segment_seconds=4)
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
+    time.sleep(9)
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "idle", 15)
+    kept = {p: p.stat().st_size for p in _spool_segments(agent)}
+    assert len(kept) >= 2
+    agent.stop()
+
+    config = agent.config_path.read_text().replace("min_free_mb = 0", "min_free_mb = 100000000")
+    agent.config_path.write_text(config)
+    agent.start()
+    command = controller.send_command("unit-disk", CommandAction.START_RECORDING)
+    result = controller.wait_result("unit-disk", command.id, CommandStatus.REJECTED)
+    assert result.reason is not None and "budget" in result.reason
+    agent.press("short")
+    time.sleep(2)
+    assert agent.status()["state"] == "idle"
+    assert agent.status()["light"] == "cannot_record"
+    events = controller.of("unit-disk", Channel.EVENT)
+    assert any(e.kind is EventKind.RECORDING_REFUSED for e in events)
+    assert {p: p.stat().st_size for p in _spool_segments(agent)} == kept
+
+
+def test_button_mock_pins_press_double_long_from_another_process(
+    tmp_path: Path, broker: Any, controller: StandinController, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-button", segment_seconds=10)
+    agent.press("long")
+    time.sleep(1.5)
+    assert agent.status()["state"] == "idle"
+    assert agent.status()["light_on"] is False
+
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "recording", 5)
+    assert agent.status()["light_on"] is True
+    recording_id = str(agent.status()["recording_id"])
+    agent.press("double")
+    time.sleep(1)
+    assert agent.status()["state"] == "recording"
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "idle", 15)
+    journal = agent.journal()
+    try:
+        manifest = journal.manifest(recording_id)
+    finally:
+        journal.close()
+    assert manifest is not None
+    assert len(manifest.bookmarks) == 1 and manifest.bookmarks[0].source == "button"
+    assert manifest.end_reason is not None and manifest.end_reason.value == "button"
+
+
+def test_bad_messages_are_rejected_counted_and_agent_keeps_working(
+    tmp_path: Path, broker: Any, controller: StandinController, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-bad", segment_seconds=10)
+    base = "classcap/v1/unit-bad"
+    controller.publish_raw(f"{base}/command", b"{not json")
+    controller.publish_raw(f"{base}/command", b'{"schema": 2, "id": "c-v2"}')
+    controller.publish_raw(
+        f"{base}/command",
+        b'{"schema": 1, "id": "c-unknown", "action": "self_destruct", "expires_at": "2099-01-01T00:00:00Z"}',
+    )
+    controller.publish_raw(f"{base}/grant", b'{"schema": 1}')
+    controller.publish_raw(f"{base}/desired", b"[]")
+    unknown = controller.wait_result("unit-bad", "c-unknown", CommandStatus.REJECTED)
+    assert unknown.reason is not None and "action" in unknown.reason
+
+    expired = controller.send_command("unit-bad", CommandAction.START_RECORDING, expires_in_s=-5)
+    rejected = controller.wait_result("unit-bad", expired.id, CommandStatus.REJECTED)
+    assert rejected.reason is not None and "expired" in rejected.reason
+    assert agent.status()["state"] == "idle"
+
+    first = controller.send_command("unit-bad", CommandAction.BOOKMARK, command_id="c-replay")
+    controller.wait_result("unit-bad", first.id, CommandStatus.REJECTED)
+    controller.publish_raw(f"{base}/command", first.to_json())
+    assert wait_for(lambda: len(controller.results("unit-bad", "c-replay")) >= 2, 10)
+
+    assert wait_for(lambda: int(str(agent.status()["rejected_messages"])) >= 5, 10)
+    start = controller.send_command("unit-bad", CommandAction.START_RECORDING)
+    controller.wait_result("unit-bad", start.id, CommandStatus.DONE)
+    stop = controller.send_command("unit-bad", CommandAction.STOP_RECORDING)
+    controller.wait_result("unit-bad", stop.id, CommandStatus.DONE)
