@@ -228,7 +228,9 @@ class MqttTestClient:
         props = msg.properties
         expiry = getattr(props, "MessageExpiryInterval", None) if props is not None else None
         with self._cond:
-            self.received.append(Received(msg.topic, msg.payload, msg.qos, msg.retain, expiry))
+            self.received.append(
+                Received(msg.topic, bytes(msg.payload), msg.qos, msg.retain, expiry)
+            )
             self._cond.notify_all()
 
     def _on_subscribe(
@@ -247,7 +249,7 @@ class MqttTestClient:
         """Subscribes and waits for SUBACK; returns one reason code per filter."""
         self._filters.extend(filters)
         result, mid = self.client.subscribe([(f, qos) for f in filters])
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise RuntimeError(f"subscribe failed: {mqtt.error_string(result)}")
         with self._cond:
             if not self._cond.wait_for(lambda: mid in self._acks, timeout):
@@ -267,7 +269,7 @@ class MqttTestClient:
         """Publishes and, for QoS 1 and 2, waits until the broker acknowledged it."""
         props = None
         if expiry_s is not None:
-            props = Properties(PacketTypes.PUBLISH)
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
             props.MessageExpiryInterval = expiry_s
         info = self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         info.wait_for_publish(timeout)
