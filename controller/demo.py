@@ -72,7 +72,11 @@ def main() -> int:
     broker = MosquittoSupervisor(BrokerSettings(directory=root / "broker", port=_free_port()))
     broker.write_config()
     passwords = root / "broker" / "passwords"
-    set_password(passwords, CONTROLLER_USER, secrets.token_urlsafe(16))
+    controller_secret = secrets.token_urlsafe(16)
+    set_password(passwords, CONTROLLER_USER, controller_secret)
+    controller_password = root / "broker" / "controller-password"
+    controller_password.write_text(controller_secret + "\n")
+    controller_password.chmod(0o600)
 
     procs: list[subprocess.Popen[bytes]] = []
     stop = threading.Event()
@@ -105,7 +109,7 @@ def main() -> int:
             "",
             f"classcap demo running: broker {broker.url}, units {', '.join(UNITS)}",
             f"  watch:   mosquitto_sub -h 127.0.0.1 -p {broker.settings.port} -V mqttv5 "
-            f"-u {CONTROLLER_USER} -P \"$(cat ...)\" -v -t 'classcap/v1/#'",
+            f"-u {CONTROLLER_USER} -P \"$(cat {controller_password})\" -v -t 'classcap/v1/#'",
         ]
         for device_id in UNITS:
             config = root / device_id / "agent.toml"

@@ -35,6 +35,7 @@ from shared.clock import utcnow
 from shared.messages import (
     Command,
     CommandAction,
+    CommandResult,
     CommandStatus,
     DesiredState,
     EndReason,
@@ -55,6 +56,9 @@ from shared.topics import Channel
 log = logging.getLogger(__name__)
 
 _TICK_S = 1.0
+# A second tap this soon after a press started a recording is a fumbled double
+# press while idle, not a request to stop.
+_STOP_GRACE_S = 1.5
 _OUTBOX_LIMIT = 1000
 _CHANNELS_KEPT_WHILE_OFFLINE = frozenset({Channel.EVENT, Channel.RECORDING, Channel.REPORTED})
 
@@ -64,6 +68,7 @@ class _Counters:
     rejected_messages: int = 0
     disk_low: bool = False
     last_tick: float = field(default_factory=time.monotonic)
+    button_started_at: float = 0.0
 
 
 class Agent:
@@ -123,7 +128,7 @@ class Agent:
                 CommandAction.REBOOT: self._cmd_reboot,
                 CommandAction.APPLY: self._cmd_apply,
             },
-            reply=lambda result: self._publish(Channel.COMMAND_RESULT, result),
+            reply=self._reply,
             remember_command=self.journal.remember_command,
             store_result=self.journal.store_command_result,
             last_result=self.journal.last_command_result,
@@ -137,6 +142,7 @@ class Agent:
             config.gpio.double_press_s,
             on_press=lambda kind: self._presses.submit(self._on_press, kind),
             pin_factory=pin_factory,
+            double_press_enabled=lambda: self.recorder.state is RecorderState.RECORDING,
         )
         self.control = ControlServer(
             config.system.control_socket, on_press=self._simulated_press, status=self.status
@@ -221,9 +227,12 @@ class Agent:
         if state is RecorderState.RECORDING:
             if kind is PressKind.DOUBLE:
                 self.recorder.bookmark("button")
+            elif time.monotonic() - self._counters.button_started_at < _STOP_GRACE_S:
+                log.info("press ignored: recording started %.1f s ago", _STOP_GRACE_S)
             else:
                 self.recorder.stop(EndReason.BUTTON)
         elif state in {RecorderState.IDLE, RecorderState.ERROR}:
+            self._counters.button_started_at = time.monotonic()
             self.recorder.start(Trigger.BUTTON)
         self._update_light()
 
@@ -357,6 +366,9 @@ class Agent:
             self._outbox.clear()
         for channel, message in pending:
             self._publish(channel, message, retain=channel is Channel.REPORTED)
+
+    def _reply(self, result: CommandResult) -> None:
+        self._publish(Channel.COMMAND_RESULT, result)
 
     def _publish_event(self, event: Event) -> None:
         self._publish(Channel.EVENT, event)

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 # Hardware debounce: edges that do not stay stable this long are not reported.
 # Well below the shortest deliberate press (about 80 ms) and the double-press gap.
 BOUNCE_S = 0.03
-# The worker wakes at least this often so close() is never held up by a long wait.
-_MAX_WAIT_S = 0.5
 
 
 class PressKind(StrEnum):
@@ -38,7 +36,9 @@ class RecordButton:
     - LONG fires once, while the button is still held, after ``long_press_s``;
       the release that follows is ignored.
     - A short press becomes SHORT only when ``double_press_s`` passes after its
-      release without a second press.
+      release without a second press; when ``double_press_enabled()`` is false
+      (a double press means nothing in the unit's state) it is SHORT at release,
+      so starting a recording does not wait for the double-press window.
     - A second press within ``double_press_s`` of the first one's release fires
       one DOUBLE at once; that second press's hold and release are then ignored.
     """
@@ -48,14 +48,16 @@ class RecordButton:
         pin: int,
         long_press_s: float,
         double_press_s: float,
-        on_press: Callable[[PressKind], None],
+        on_press: Callable[[PressKind], object],
         pin_factory: Factory | None = None,
+        double_press_enabled: Callable[[], bool] = lambda: True,
     ) -> None:
         if long_press_s <= 0 or double_press_s <= 0:
             raise ValueError("long_press_s and double_press_s must be positive")
         self._long_press_s = long_press_s
         self._double_press_s = double_press_s
         self._on_press = on_press
+        self._double_press_enabled = double_press_enabled
         self._cond = threading.Condition()
         self._stop = threading.Event()
         # Monotonic time the button went down, while it is down.
@@ -122,8 +124,10 @@ class RecordButton:
             if now - down_at >= self._long_press_s:
                 # The worker had not fired yet; it is still one long press.
                 self._emit(PressKind.LONG)
-            else:
+            elif self._double_press_enabled():
                 self._short_deadline = now + self._double_press_s
+            else:
+                self._emit(PressKind.SHORT)
             self._cond.notify_all()
 
     # --- classification (called with the lock held) ------------------------------
@@ -141,22 +145,25 @@ class RecordButton:
             self._emit(PressKind.LONG)
 
     def _emit(self, kind: PressKind) -> None:
-        log.debug("button press classified kind=%s", kind)
         self._ready.append(kind)
 
-    def _next_wait(self, now: float) -> float:
-        deadlines = [now + _MAX_WAIT_S]
+    def _next_wait(self, now: float) -> float | None:
+        """Seconds until the next classification is due; None: until an edge or close()."""
+        deadlines = []
         if self._short_deadline is not None:
             deadlines.append(self._short_deadline)
         if self._down_at is not None and not self._consumed:
             deadlines.append(self._down_at + self._long_press_s)
-        return max(0.0, min(deadlines) - now)
+        return max(0.0, min(deadlines) - now) if deadlines else None
 
     # --- worker --------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        while True:
             with self._cond:
+                # Checked under the lock: close() sets it and notifies under the same lock.
+                if self._stop.is_set():
+                    return
                 now = time.monotonic()
                 self._expire(now)
                 if not self._ready:
@@ -168,7 +175,7 @@ class RecordButton:
                 self._deliver(kind)
 
     def _deliver(self, kind: PressKind) -> None:
-        log.info("button press kind=%s", kind)
+        log.info("button press classified kind=%s", kind)
         try:
             self._on_press(kind)
         except Exception:

@@ -70,7 +70,7 @@ class ControlServer:
     def __init__(
         self,
         path: Path,
-        on_press: Callable[[PressKind], None],
+        on_press: Callable[[PressKind], object],
         status: Callable[[], dict[str, object]],
     ) -> None:
         self._path = path
@@ -100,13 +100,14 @@ class ControlServer:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(str(self._path))
+            self._inode = os.stat(self._path).st_ino
             # Nobody can connect before listen(), so the mode is set before anyone could use it.
             os.chmod(self._path, SOCKET_MODE)
-            self._inode = os.stat(self._path).st_ino
             sock.listen(MAX_CLIENTS)
             sock.settimeout(_ACCEPT_POLL_S)
         except OSError as exc:
             sock.close()
+            self._unlink_own()
             raise ControlError(f"cannot listen on {self._path}: {exc}") from exc
         self._sock = sock
         self._stop.clear()
@@ -156,11 +157,12 @@ class ControlServer:
 
     def _unlink_own(self) -> None:
         # Only our socket: a newer agent may already have replaced the file.
-        try:
+        if self._inode is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
             if os.lstat(self._path).st_ino == self._inode:
                 self._path.unlink()
-        except FileNotFoundError:
-            pass
+        self._inode = None
 
     # --- serving -------------------------------------------------------------------
 
@@ -224,11 +226,11 @@ class ControlServer:
             return _refuse("request is not a JSON object")
         op = request.get("op")
         if op == "press":
-            try:
-                kind = PressKind(request.get("kind"))
-            except ValueError:
-                choices = ", ".join(k.value for k in PressKind)
-                return _refuse(f"unknown press kind {request.get('kind')!r}; expected {choices}")
+            raw_kind = request.get("kind")
+            choices = [k.value for k in PressKind]
+            if not isinstance(raw_kind, str) or raw_kind not in choices:
+                return _refuse(f"unknown press kind {raw_kind!r}; expected {', '.join(choices)}")
+            kind = PressKind(raw_kind)
             log.info("control press kind=%s", kind)
             try:
                 with self._press_lock:

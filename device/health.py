@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -149,9 +150,7 @@ class ClockState:
 def clock_state(result: int, status: int, maxerror_us: int, offset: int) -> ClockState:
     """Interpret one adjtimex() answer (``offset`` in ns when STA_NANO is set, else us)."""
     synced = (
-        result != TIME_ERROR
-        and not status & STA_UNSYNC
-        and 0 <= maxerror_us < MAXERROR_UNSYNCED_US
+        result != TIME_ERROR and not status & STA_UNSYNC and 0 <= maxerror_us < MAXERROR_UNSYNCED_US
     )
     if not synced:
         return ClockState(synced=False, offset_ms=None)
@@ -218,10 +217,8 @@ def run_bounded(argv: list[str], timeout: float) -> str | None:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         log.debug("health command timed out argv=%s timeout_s=%.1f", argv, timeout)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.communicate()
         return None
     if proc.returncode != 0:
@@ -303,7 +300,7 @@ class _MicMeter:
         return level_dbfs(samples) if len(samples) else None
 
     def _find_device(self, audio: Any) -> dict[str, Any] | None:
-        """``default`` is PortAudio's default input; any other name matches a device by substring."""
+        """``default``: PortAudio's default input; any other name matches a device by substring."""
         try:
             if self._device == "default":
                 return dict(audio.get_default_input_device_info())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -154,6 +155,23 @@ def _dt(value: str) -> datetime:
 
 def _opt_dt(value: str | None) -> datetime | None:
     return None if value is None else _dt(value)
+
+
+def _segment_row(row: tuple[Any, ...]) -> SegmentRow:
+    rid, seq, path, state, size, sha256, started_at, ended_at, recovered, key, attempts = row
+    return SegmentRow(
+        recording_id=rid,
+        sequence=seq,
+        path=Path(path),
+        state=SegmentState(state),
+        size=size,
+        sha256=sha256,
+        started_at=_dt(started_at),
+        ended_at=_opt_dt(ended_at),
+        recovered=bool(recovered),
+        key=key,
+        attempts=attempts,
+    )
 
 
 class Journal:
@@ -308,7 +326,7 @@ class Journal:
                     audio,
                 ),
             )
-        log.info("recording begun recording=%s trigger=%s", recording_id, trigger.value)
+        log.debug("recording begun recording=%s trigger=%s", recording_id, trigger.value)
         return manifest
 
     def end_recording(
@@ -328,7 +346,7 @@ class Journal:
                 (_ts(ended_at), status.value, end_reason.value, recording_id),
             )
             manifest = self._manifest(db, recording_id)
-        log.info(
+        log.debug(
             "recording ended recording=%s status=%s reason=%s",
             recording_id,
             status.value,
@@ -356,7 +374,7 @@ class Journal:
                 (recording_id, _ts(gap.start), _ts(gap.end), gap.reason),
             )
             manifest = self._manifest(db, recording_id)
-        log.warning(
+        log.info(
             "gap recorded recording=%s start=%s end=%s reason=%s",
             recording_id,
             gap.start.isoformat(),
@@ -499,8 +517,8 @@ class Journal:
                 )
             else:
                 return False
-        log.info(
-            "segment closed recording=%s seq=%d size=%d recovered=%s",
+        log.debug(
+            "journal segment closed recording=%s seq=%d size=%d recovered=%s",
             recording_id,
             sequence,
             size,
@@ -550,7 +568,7 @@ class Journal:
                     "UPDATE segments SET state = ? WHERE recording_id = ? AND sequence = ?",
                     (SegmentState.STORED.value, recording_id, sequence),
                 )
-        log.info("segment stored recording=%s seq=%d", recording_id, sequence)
+        log.debug("journal segment stored recording=%s seq=%d", recording_id, sequence)
 
     def reset_to_closed(self, recording_id: str, sequence: int) -> None:
         """Back to CLOSED after an expired grant or a failed upload or verification.
@@ -632,35 +650,7 @@ class Journal:
     ) -> list[SegmentRow]:
         # ``where`` is always one of this module's literal clauses, never outside input.
         query = f"{_SELECT_SEGMENTS} WHERE {where} ORDER BY r.started_at, r.id, s.sequence"
-        rows = db.execute(query, params).fetchall()
-        return [
-            SegmentRow(
-                recording_id=rid,
-                sequence=seq,
-                path=Path(path),
-                state=SegmentState(state),
-                size=size,
-                sha256=sha256,
-                started_at=_dt(started_at),
-                ended_at=_opt_dt(ended_at),
-                recovered=bool(recovered),
-                key=key,
-                attempts=attempts,
-            )
-            for (
-                rid,
-                seq,
-                path,
-                state,
-                size,
-                sha256,
-                started_at,
-                ended_at,
-                recovered,
-                key,
-                attempts,
-            ) in rows
-        ]
+        return [_segment_row(row) for row in db.execute(query, params)]
 
     # --- commands -------------------------------------------------------------------
 
@@ -675,7 +665,11 @@ class Journal:
             return cursor.rowcount == 1
 
     def store_command_result(self, result: CommandResult) -> None:
-        """Keeps the latest result so a repeated command gets the same answer."""
+        """Keeps the latest result so a repeated command gets the same answer.
+
+        A result for a command never remembered (refused before that step) is
+        kept until its own timestamp passes ``prune_commands``.
+        """
         with self._tx() as db:
             db.execute(
                 "INSERT INTO commands (command_id, expires_at, result) VALUES (?, ?, ?)"
@@ -698,7 +692,11 @@ class Journal:
             ) from exc
 
     def prune_commands(self, older_than: datetime) -> int:
-        """Forgets commands that expired before ``older_than``; returns how many."""
+        """Forgets commands that expired before ``older_than``; returns how many.
+
+        Safe because a redelivered command past its expiry is refused as stale
+        before its id is looked up.
+        """
         with self._tx() as db:
             cursor = db.execute("DELETE FROM commands WHERE expires_at < ?", (_ts(older_than),))
             return cursor.rowcount

@@ -54,7 +54,8 @@ class Light:
 
     @property
     def is_lit(self) -> bool:
-        return bool(self._led.is_lit)
+        """The pin's state right now (a blinking light is lit half the time)."""
+        return not self._closed and bool(self._led.is_lit)
 
     def show(self, pattern: LightPattern) -> None:
         """Switch to ``pattern``; showing the current pattern again changes nothing."""

@@ -314,9 +314,7 @@ def test_commands_run_once_and_keep_their_last_result(journal: Journal) -> None:
     assert not journal.remember_command("cmd-1", expires)
     assert journal.last_command_result("cmd-1") is None
     accepted = CommandResult(command_id="cmd-1", status=CommandStatus.ACCEPTED, ts=T0)
-    done = CommandResult(
-        command_id="cmd-1", status=CommandStatus.DONE, ts=T0, recording_id="rec-1"
-    )
+    done = CommandResult(command_id="cmd-1", status=CommandStatus.DONE, ts=T0, recording_id="rec-1")
     journal.store_command_result(accepted)
     journal.store_command_result(done)
     assert journal.last_command_result("cmd-1") == done

@@ -147,7 +147,11 @@ def test_only_segment_files_inside_the_spool_are_deleted(spool: Spool, tmp_path:
     victim.write_bytes(b"keep")
     manifest_path = spool.recording_dir("rec-1") / MANIFEST_NAME
     manifest_path.write_text("{}")
-    for path in (victim, manifest_path, spool.root / "rec-1" / ".." / ".." / "elsewhere" / victim.name):
+    for path in (
+        victim,
+        manifest_path,
+        spool.root / "rec-1" / ".." / ".." / "elsewhere" / victim.name,
+    ):
         with pytest.raises(SpoolError, match="refusing to delete"):
             spool.delete_stored_segment(path)
     assert victim.exists()
