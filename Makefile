@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := mosquitto mosquitto-clients ffmpeg fonts-dejavu-core python3-venv \
-	python3-dev sqlite3 curl chromium systemd
+	python3-dev sqlite3 curl chromium systemd openssl
 PYTEST_ARGS ?=
 export CLASSCAP_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 

@@ -69,13 +69,14 @@ class TokenBucket:
 
     A taker may overdraw: it is told how long to wait, and the debt delays the
     next taker too, so concurrent uploads share the rate instead of each getting it.
-    A rate of 0 means no cap.
+    Idle credit is capped at ``burst_s`` of the rate, so over any stretch of a
+    second or more the average stays within a tenth of the cap. A rate of 0 means no cap.
     """
 
     def __init__(
         self,
         rate_bytes_per_s: float,
-        burst_s: float = 0.5,
+        burst_s: float = _PACE_QUANTUM_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate_bytes_per_s < 0 or burst_s <= 0:
@@ -142,13 +143,16 @@ def put_file(
     stop: threading.Event | None = None,
     blocksize: int = 256 * 1024,
     limiter: TokenBucket | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> PutResponse:
     """PUTs ``path`` to ``url`` with exactly ``headers``; returns the store's answer.
 
     ``timeout`` bounds connecting and every stretch without progress (sending or
     waiting for the answer). ``bandwidth_bps`` caps this upload at that many bits
-    per second; ``limiter`` instead shares one cap between uploads. Any HTTP answer,
-    4xx and 5xx included, is returned; no answer raises PutError (PutAborted on stop).
+    per second; ``limiter`` instead shares one cap between uploads. HTTPS checks
+    the server against the system's CAs unless ``ssl_context`` says otherwise.
+    Any HTTP answer, 4xx and 5xx included, is returned; no answer raises PutError
+    (PutAborted on stop).
     """
     if blocksize <= 0:
         raise ValueError(f"blocksize must be > 0, got {blocksize}")
@@ -174,7 +178,10 @@ def put_file(
     conn: http.client.HTTPConnection
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+            parts.hostname,
+            parts.port,
+            timeout=timeout,
+            context=ssl_context or ssl.create_default_context(),
         )
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)

@@ -25,6 +25,7 @@ def run_check(path: Path) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
 
 
@@ -41,11 +42,11 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     ("text", "named"),
     [
         (GOOD + "\n[capture]\nframerate = 0\n", "capture.framerate"),
-        (GOOD + "\n[capture]\nbackend = \"webcam\"\n", "capture.backend"),
-        (GOOD + "\n[capture]\nsegment_seconds = \"long\"\n", "capture.segment_seconds"),
+        (GOOD + '\n[capture]\nbackend = "webcam"\n', "capture.backend"),
+        (GOOD + '\n[capture]\nsegment_seconds = "long"\n', "capture.segment_seconds"),
         (GOOD + "\n[gpio]\nbutton_pin = 17\nlight_pin = 17\n", "gpio"),
         (GOOD + "\n[upload]\nconcurrency = 99\n", "upload.concurrency"),
-        (GOOD + "\ncolour = \"blue\"\n", "colour: unknown key"),
+        (GOOD + '\ncolour = "blue"\n', "colour: unknown key"),
         (GOOD + "\n[spool]\nmin_free = 5\n", "spool.min_free: unknown key"),
         (GOOD.replace('"room-204"', '"Room 204!"'), "device_id"),
         (GOOD.replace("mqtt://127.0.0.1:1883", "http://broker"), "broker.url"),
@@ -57,7 +58,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
 def test_bad_config_names_the_key_and_exits_non_zero(tmp_path: Path, text: str, named: str) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="invalid config|not valid TOML") as info:
+    with pytest.raises(ConfigError, match=r"invalid config|not valid TOML") as info:
         load_agent_config(path)
     assert named in str(info.value)
     result = run_check(path)
@@ -79,6 +80,7 @@ def test_agent_run_with_bad_config_exits_non_zero(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "health.interval_s" in result.stderr

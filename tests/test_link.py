@@ -30,7 +30,7 @@ from shared.messages import (
     Status,
 )
 from shared.topics import Channel, topic
-from tests.support.broker import MosquittoBroker, MqttTestClient, Received
+from tests.support.broker import MosquittoBroker, MqttTestClient, Received, make_tls_files
 from tests.support.processes import stop_process, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,13 +111,6 @@ def make_link() -> Iterator[MakeLink]:
         link.stop()
 
 
-def statuses(client: MqttTestClient, device_id: str = UNIT) -> list[tuple[Status, bool]]:
-    return [
-        (decode(Status, m.payload), m.retain)
-        for m in client.messages(topic(device_id, Channel.STATUS))
-    ]
-
-
 def is_status(online: bool, epoch: int, device_id: str = UNIT) -> Callable[[Received], bool]:
     def match(m: Received) -> bool:
         if m.topic != topic(device_id, Channel.STATUS):
@@ -136,19 +129,14 @@ def retained_status(mqtt_client: Callable[..., MqttTestClient], broker: Mosquitt
     return decode(Status, first.payload)
 
 
-def command(action: CommandAction = CommandAction.BOOKMARK, **fields: object) -> Command:
-    now = utcnow()
-    data: dict[str, object] = {
-        "id": f"cmd-{next(_ids)}",
-        "action": action,
-        "issued_at": now,
-        "expires_at": now + timedelta(minutes=5),
-    }
-    data.update(fields)
-    return Command.model_validate(data)
-
-
 _ids = itertools.count(1)
+
+
+def command(action: CommandAction = CommandAction.BOOKMARK) -> Command:
+    now = utcnow()
+    return Command(
+        id=f"cmd-{next(_ids)}", action=action, issued_at=now, expires_at=now + timedelta(minutes=5)
+    )
 
 
 # --- presence -------------------------------------------------------------------------
@@ -492,3 +480,26 @@ def _refusals(caplog: pytest.LogCaptureFixture, device_id: str) -> list[str]:
         for r in caplog.records
         if r.getMessage().startswith("broker refused connection") and device_id in r.getMessage()
     ]
+
+
+def test_tls_verifies_the_broker_against_the_configured_ca(
+    broker_factory: Callable[..., MosquittoBroker],
+    make_link: MakeLink,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="device.link")
+    tls = make_tls_files(tmp_path / "tls")
+    secured = broker_factory(tls=tls)
+    assert secured.url.startswith("mqtts://")
+
+    link, inbox = make_link(broker_config(secured, ca_file=tls.ca_file))
+    inbox.wait(lambda i: i.connection == [True])
+    assert link.connected
+
+    stranger = make_tls_files(tmp_path / "other", name="other")
+    untrusting, refused = make_link(
+        broker_config(secured, ca_file=stranger.ca_file), device_id="room-103"
+    )
+    assert wait_for(lambda: "CERTIFICATE_VERIFY_FAILED" in caplog.text, timeout=10)
+    assert refused.connection == [] and not untrusting.connected

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # a power loss or kill -9 keeps all but its last second or two.
 FRAGMENT_DURATION_US = 1_000_000
 MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
+SYNC_INTERVAL_S = 2.0
 # Snapshots are for a dashboard thumbnail: never wider than this.
 SNAPSHOT_MAX_WIDTH = 640
 
@@ -98,16 +99,22 @@ class SegmentListWriter:
     def segment_path(self, sequence: int) -> Path:
         return self.recording_dir / segment_filename(sequence)
 
-    def append(self, sequence: int, media_start_s: float, media_end_s: float) -> None:
-        segment = self.segment_path(sequence)
-        _fsync_file(segment)
+    def append(self, sequence: int, media_start_s: float, media_end_s: float) -> bool:
+        """Write the line; False (logged) if the disk refused it."""
         line = format_line(sequence, media_start_s, max(media_start_s, media_end_s))
-        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            _fsync_file(self.segment_path(sequence))
+            fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode("utf-8"))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            logger.exception(
+                "segment list write failed recording=%s seq=%d", self.recording_dir.name, sequence
+            )
+            return False
         logger.info(
             "segment closed recording=%s seq=%d start=%.3f end=%.3f",
             self.recording_dir.name,
@@ -115,6 +122,7 @@ class SegmentListWriter:
             media_start_s,
             media_end_s,
         )
+        return True
 
     def salvage(self, sequence: int, media_start_s: float) -> bool:
         """List a segment the encoder left without a line, if it can be made playable."""
@@ -138,12 +146,44 @@ class SegmentListWriter:
             result.media_seconds,
             result.dropped_bytes,
         )
-        try:
-            self.append(sequence, media_start_s, media_start_s + result.media_seconds)
-        except OSError:
-            logger.exception("segment list write failed recording=%s seq=%d", recording, sequence)
-            return False
-        return True
+        return self.append(sequence, media_start_s, media_start_s + result.media_seconds)
+
+
+class OpenSegmentSyncer:
+    """fsyncs the segment being written every few seconds.
+
+    ffmpeg and PyAV flush each fragment to the kernel; this bounds what a power
+    cut can take from the page cache to the last few seconds.
+    """
+
+    def __init__(
+        self, writer: SegmentListWriter, current_sequence: Callable[[], int], interval_s: float
+    ) -> None:
+        self._writer = writer
+        self._current_sequence = current_sequence
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._loop, name=f"capture-sync-{writer.recording_dir.name}", daemon=True
+        )
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            path = self._writer.segment_path(self._current_sequence())
+            try:
+                _fsync_file(path)
+            except FileNotFoundError:
+                continue  # between segments
+            except OSError as exc:
+                logger.warning("segment sync failed path=%s error=%s", path, exc)
 
 
 def _fsync_file(path: Path) -> None:

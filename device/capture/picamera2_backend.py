@@ -4,7 +4,8 @@ H.264 from ``H264Encoder`` (the hardware encoder on a Pi 4, libx264 through
 libav on a Pi 5), audio through the encoder's own PyAV path so both share one
 clock, muxed by ``PyavOutput`` into fragmented MP4 behind a
 ``SplittableOutput`` that switches files at a forced keyframe without dropping
-a frame. Only imported when the configuration asks for this backend.
+a frame. Only imported when the configuration asks for this backend; needs
+picamera2 0.3.32 or later (``PyavOutput`` options, ``force_key_frame``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from picamera2.outputs import PyavOutput, SplittableOutput
 from device.capture.base import (
     FRAGMENT_DURATION_US,
     MOVFLAGS,
+    SYNC_INTERVAL_S,
     CaptureBackend,
     CaptureError,
     FrameClock,
+    OpenSegmentSyncer,
     SegmentListWriter,
     SnapshotImage,
     snapshot_size,
@@ -35,6 +38,9 @@ from device.config import CaptureConfig
 from shared.messages import MAX_SNAPSHOT_BYTES
 
 logger = logging.getLogger(__name__)
+
+if not hasattr(H264Encoder, "force_key_frame"):
+    raise ImportError("picamera2 is too old: 0.3.32 or later is needed for force_key_frame")
 
 _CAPTURE_TIMEOUT_S = 5.0
 _SPLIT_TIMEOUT_S = 10.0
@@ -117,6 +123,9 @@ class _Recording:
         self._thread = threading.Thread(
             target=self._split_loop, name=f"capture-split-{recording_dir.name}", daemon=True
         )
+        self._syncer = OpenSegmentSyncer(
+            self._writer, lambda: self._current.sequence, SYNC_INTERVAL_S
+        )
 
     def _segment(self, sequence: int) -> _SegmentFile:
         return _SegmentFile(
@@ -124,14 +133,26 @@ class _Recording:
         )
 
     def start(self) -> None:
-        self._camera.start_recording(self._encoder, self._splitter)
+        try:
+            self._camera.start_recording(self._encoder, self._splitter)
+        except Exception:
+            # Leave neither the camera running nor a segment file open.
+            for release in (self._camera.stop, self._splitter.stop):
+                try:
+                    release()
+                except Exception:
+                    logger.exception("cleanup after a failed start failed")
+            raise
         self._thread.start()
+        self._syncer.start()
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         if self._thread.is_alive():
             logger.error("segment split still pending after %.0fs; stopping anyway", timeout)
+        self._syncer.stop()
         current = self._current
         try:
             self._camera.stop_recording()
@@ -164,8 +185,9 @@ class _Recording:
             target=self._splitter.split_output, args=(new,), name="capture-switch", daemon=True
         )
         switch.start()
+        # Finished even when a stop is pending: an abandoned switch would leave a file open.
         deadline = time.monotonic() + _SPLIT_TIMEOUT_S
-        while switch.is_alive() and time.monotonic() < deadline and not self._stop.is_set():
+        while switch.is_alive() and time.monotonic() < deadline:
             self._encoder.force_key_frame()
             switch.join(_KEYFRAME_RETRY_S)
         if switch.is_alive():
@@ -179,14 +201,7 @@ class _Recording:
                 "segment empty recording=%s seq=%d", self._writer.recording_dir.name, old.sequence
             )
             return True
-        try:
-            self._writer.append(old.sequence, _seconds(old.first_us), _seconds(new.first_us))
-        except OSError:
-            logger.exception(
-                "segment list write failed recording=%s seq=%d",
-                self._writer.recording_dir.name,
-                old.sequence,
-            )
+        self._writer.append(old.sequence, _seconds(old.first_us), _seconds(new.first_us))
         return True
 
 
@@ -316,6 +331,11 @@ class Picamera2Backend(CaptureBackend):
         raise CaptureError(f"snapshot stays above {MAX_SNAPSHOT_BYTES} bytes")
 
     def _fail(self, reason: str) -> None:
-        if not self._failed.is_set():
-            self._failed.set()
-            self._report_failure(reason)
+        if self._failed.is_set():
+            return
+        self._failed.set()
+        # Called on picamera2's encoder or our split thread: a handler that stops
+        # the recording must not run on a thread that stopping waits for.
+        threading.Thread(
+            target=self._report_failure, args=(reason,), name="capture-failure", daemon=True
+        ).start()

@@ -23,16 +23,17 @@ from pathlib import Path
 from device.capture.base import (
     FRAGMENT_DURATION_US,
     MOVFLAGS,
+    SYNC_INTERVAL_S,
     CaptureBackend,
     CaptureError,
     FrameClock,
+    OpenSegmentSyncer,
     SegmentListWriter,
     SnapshotImage,
     snapshot_size,
 )
 from device.config import CaptureConfig
 from device.segmentlist import sequence_of
-from shared.messages import MAX_SNAPSHOT_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ def recording_command(
         ffmpeg,
         "-hide_banner",
         "-nostdin",
+        # Warnings are expected and harmless here (the muxer notes AAC frames that
+        # straddle a split); errors are what explain a failure.
         "-loglevel",
-        "warning",
+        "error",
         "-nostats",
         "-progress",
         "pipe:1",
@@ -232,6 +235,7 @@ class _EncoderRun:
         self._config = config
         self._writer = SegmentListWriter(recording_dir)
         self._next_sequence = first_sequence
+        self._syncer = OpenSegmentSyncer(self._writer, lambda: self._next_sequence, SYNC_INTERVAL_S)
         self._last_end_s = 0.0
         self._on_unexpected_exit = on_unexpected_exit
         self.clock = FrameClock()
@@ -274,7 +278,8 @@ class _EncoderRun:
     def stop(self, timeout: float) -> None:
         """SIGINT (ffmpeg closes its segment), SIGKILL after ``timeout``; always reaped."""
         self._stop_requested.set()
-        if not self._thread.is_alive():
+        # From on_failure (our own thread) ffmpeg is already reaped: nothing to wait for.
+        if not self._thread.is_alive() or self._thread is threading.current_thread():
             return
         self._signal(signal.SIGINT)
         self._thread.join(timeout)
@@ -310,7 +315,7 @@ class _EncoderRun:
                 stderr=subprocess.PIPE,
                 pass_fds=(list_w, preview_w),
                 start_new_session=True,
-                # Only prctl/getppid/kill run in the child: no locks another thread could hold.
+                # The child runs only prctl, getppid and kill: nothing that takes a lock.
                 preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
             )
         except (OSError, subprocess.SubprocessError) as exc:
@@ -330,6 +335,7 @@ class _EncoderRun:
             self._writer.recording_dir.name,
             self._next_sequence,
         )
+        self._syncer.start()
         assert proc.stdout is not None and proc.stderr is not None
         try:
             self._pump(
@@ -340,8 +346,13 @@ class _EncoderRun:
                 },
                 preview_r,
             )
+        except Exception:
+            # Nobody would drain ffmpeg's pipes any more: it must not outlive this thread.
+            logger.exception("reading ffmpeg output failed pid=%d; killing it", proc.pid)
+            proc.kill()
         finally:
             returncode = proc.wait()
+            self._syncer.stop()
             self._exited.set()
             self._settled.set()
             proc.stdout.close()
@@ -400,14 +411,10 @@ class _EncoderRun:
             return
         try:
             start_s, end_s = float(parts[1]), float(parts[2])
-            self._writer.append(sequence, start_s, end_s)
-        except (ValueError, OSError):
-            logger.exception(
-                "segment list write failed recording=%s seq=%d",
-                self._writer.recording_dir.name,
-                sequence,
-            )
+        except ValueError:
+            logger.error("unexpected segment list line from ffmpeg: %r", line)
             return
+        self._writer.append(sequence, start_s, end_s)
         self._next_sequence = sequence + 1
         self._last_end_s = end_s
 
@@ -463,6 +470,7 @@ class SyntheticBackend(CaptureBackend):
             self._run = run
 
     def stop(self, timeout: float = 15.0) -> None:
+        # Not under the lock: on_failure handlers may call stop() from the run's thread.
         with self._lock:
             run, self._run = self._run, None
         if run is not None:
@@ -480,10 +488,8 @@ class SyntheticBackend(CaptureBackend):
                 raise CaptureError("the encoder has produced no preview frame yet")
         else:
             jpeg = self._single_frame()
-        quality = _SNAPSHOT_QUALITY
-        while len(jpeg) > MAX_SNAPSHOT_BYTES and quality < 31:
-            quality = min(31, quality * 2)
-            jpeg = self._reencode(jpeg, quality)
+        # At most 640 px wide at this quality the test picture stays far below
+        # the limit (about 80 KB at 640x2160); from_jpeg still enforces it.
         return SnapshotImage.from_jpeg(jpeg)
 
     def camera_present(self) -> bool | None:
@@ -500,23 +506,17 @@ class SyntheticBackend(CaptureBackend):
             f"testsrc2=size={self.config.width}x{self.config.height}:rate={self.config.framerate}"
         )
         args = ["-f", "lavfi", "-i", source, "-vf", filters, "-frames:v", "1"]
-        return _run_ffmpeg([*args, *_JPEG_OUTPUT, "-q:v", str(_SNAPSHOT_QUALITY)], None)
-
-    def _reencode(self, jpeg: bytes, quality: int) -> bytes:
-        args = ["-f", "jpeg_pipe", "-i", "pipe:0", "-vf", ",".join(_jpeg_filters(self.config))]
-        return _run_ffmpeg([*args, *_JPEG_OUTPUT, "-q:v", str(quality)], jpeg)
+        return _run_ffmpeg([*args, *_JPEG_OUTPUT, "-q:v", str(_SNAPSHOT_QUALITY)])
 
 
-def _run_ffmpeg(args: list[str], stdin: bytes | None) -> bytes:
+def _run_ffmpeg(args: list[str]) -> bytes:
     """One short ffmpeg run writing a single JPEG to stdout."""
-    no_stdin = ["-nostdin"] if stdin is None else []
-    command = [_find_ffmpeg(), "-hide_banner", *no_stdin, "-loglevel", "error", *args]
+    command = [_find_ffmpeg(), "-hide_banner", "-nostdin", "-loglevel", "error", *args]
     command += ["-f", "image2pipe", "pipe:1"]
     try:
         done = subprocess.run(
             command,
-            input=stdin,
-            stdin=subprocess.DEVNULL if stdin is None else None,
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=SNAPSHOT_TIMEOUT_S,
             check=False,
@@ -524,7 +524,7 @@ def _run_ffmpeg(args: list[str], stdin: bytes | None) -> bytes:
         )
     except subprocess.TimeoutExpired as exc:
         raise CaptureError(f"ffmpeg took over {SNAPSHOT_TIMEOUT_S:.0f}s for a snapshot") from exc
-    except OSError as exc:
+    except (OSError, subprocess.SubprocessError) as exc:
         raise CaptureError(f"cannot run ffmpeg: {exc}") from exc
     if done.returncode != 0 or not done.stdout:
         detail = done.stderr.decode("utf-8", "replace").strip()[-500:] or "no error output"

@@ -104,7 +104,16 @@ class AgentProcess:
 
     def press(self, kind: str) -> None:
         subprocess.run(
-            [sys.executable, "-m", "shared.cli", "agent", "press", kind, "--config", str(self.config_path)],
+            [
+                sys.executable,
+                "-m",
+                "shared.cli",
+                "agent",
+                "press",
+                kind,
+                "--config",
+                str(self.config_path),
+            ],
             check=True,
             timeout=20,
         )
@@ -137,9 +146,7 @@ class AgentProcess:
             self._log = None
 
 
-def make_agent(
-    tmp_path: Path, device_id: str, broker_url: str, **config: Any
-) -> AgentProcess:
+def make_agent(tmp_path: Path, device_id: str, broker_url: str, **config: Any) -> AgentProcess:
     data_dir = tmp_path / device_id
     data_dir.mkdir(parents=True, exist_ok=True)
     config_path = data_dir / "agent.toml"

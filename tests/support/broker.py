@@ -33,6 +33,33 @@ class BrokerError(RuntimeError):
     """Mosquitto did not start; the message carries the end of its log."""
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def make_tls_files(directory: Path, name: str = "test") -> TlsFiles:
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key, ca_crt = directory / f"{name}-ca.key", directory / f"{name}-ca.crt"
+    key, csr, crt = (directory / f"{name}-server.{ext}" for ext in ("key", "csr", "crt"))
+    ext = directory / f"{name}-server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_subject = ["-subj", f"/CN={name} CA", "-days", "2"]
+    sign = ["-CA", str(ca_crt), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2"]
+    commands = [
+        ["req", "-x509", *new_key, *ca_subject, "-keyout", str(ca_key), "-out", str(ca_crt)],
+        ["req", *new_key, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr)],
+        ["x509", "-req", "-in", str(csr), *sign, "-extfile", str(ext), "-out", str(crt)],
+    ]
+    for argv in commands:
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+    return TlsFiles(ca_crt, crt, key)
+
+
 class MosquittoBroker:
     """One mosquitto process on 127.0.0.1; ``restart`` keeps the port so clients can come back.
 
@@ -48,12 +75,14 @@ class MosquittoBroker:
         users: Mapping[str, str] | None = None,
         acl: Sequence[str] | None = None,
         message_size_limit: int | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = port if port is not None else free_port()
         self._users = dict(users or {})
         self._acl = list(acl) if acl is not None else None
         self._message_size_limit = message_size_limit
+        self.tls = tls
         self._proc: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
@@ -64,7 +93,8 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        scheme = "mqtts" if self.tls is not None else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -90,6 +120,12 @@ class MosquittoBroker:
             # to the 'mosquitto' user, who cannot read files in the test's directory.
             f"user {pwd.getpwuid(os.getuid()).pw_name}",
         ]
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca_file}",
+                f"certfile {self.tls.cert_file}",
+                f"keyfile {self.tls.key_file}",
+            ]
         if self._message_size_limit is not None:
             lines.append(f"message_size_limit {self._message_size_limit}")
         if self._users:

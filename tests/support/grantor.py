@@ -41,7 +41,9 @@ class _Announced:
 
 
 class Grantor:
-    def __init__(self, storage: S3Storage, device_id: str, expires_s: int = GRANT_EXPIRES_S) -> None:
+    def __init__(
+        self, storage: S3Storage, device_id: str, expires_s: int = GRANT_EXPIRES_S
+    ) -> None:
         self.storage = storage
         self.device_id = device_id
         # Tests may change this between grants (a short-lived grant that expires in transit).
@@ -68,7 +70,9 @@ class Grantor:
     def key_for(self, recording_id: str, sequence: int) -> str:
         return self.storage.key_for(self.device_id, recording_id, segment_filename(sequence))
 
-    def on_announcement(self, announcement: SegmentAnnouncement) -> UploadGrant | StoredConfirmation:
+    def on_announcement(
+        self, announcement: SegmentAnnouncement
+    ) -> UploadGrant | StoredConfirmation:
         key = self.key_for(announcement.recording_id, announcement.sequence)
         entry = _Announced(key, announcement.size, announcement.sha256)
         with self._lock:
@@ -141,7 +145,9 @@ class Grantor:
             size=entry.size,
         )
 
-    def _refuse(self, recording_id: str, sequence: int, key: str, reason: str) -> StoredConfirmation:
+    def _refuse(
+        self, recording_id: str, sequence: int, key: str, reason: str
+    ) -> StoredConfirmation:
         refusal = StoredConfirmation(
             recording_id=recording_id, sequence=sequence, key=key, verified=False, reason=reason
         )

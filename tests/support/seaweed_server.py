@@ -88,6 +88,7 @@ class SeaweedServer:
         secret_key: str | None = None,
         binary: Path = WEED_BINARY,
         sse_key: str | None = None,
+        volume_size_limit_mb: int = 128,
     ) -> None:
         self.root = root
         self.access_key = access_key
@@ -96,6 +97,8 @@ class SeaweedServer:
         self._binary = binary
         # SSE-S3 needs a key-encryption secret; without one SeaweedFS refuses SSE requests.
         self._sse_key = sse_key or secrets.token_hex(16)
+        # Volumes are sparse files; when one fills, the next write waits for a new one.
+        self._volume_size_limit_mb = volume_size_limit_mb
         self._ports: SeaweedPorts | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -221,7 +224,7 @@ class SeaweedServer:
             f"-master.port.grpc={ports.master_grpc}",
             # Raft state from a previous run makes a restarted master wait for an election.
             "-master.resumeState=false",
-            "-master.volumeSizeLimitMB=128",
+            f"-master.volumeSizeLimitMB={self._volume_size_limit_mb}",
             f"-volume.port={ports.volume}",
             f"-volume.port.grpc={ports.volume_grpc}",
             "-volume.max=200",

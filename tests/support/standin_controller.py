@@ -77,9 +77,7 @@ class StandinController:
             return list(self.messages[(device_id, channel)])
 
     def results(self, device_id: str, command_id: str) -> list[CommandResult]:
-        return [
-            r for r in self.of(device_id, Channel.COMMAND_RESULT) if r.command_id == command_id
-        ]
+        return [r for r in self.of(device_id, Channel.COMMAND_RESULT) if r.command_id == command_id]
 
     def wait_result(
         self, device_id: str, command_id: str, status: CommandStatus, timeout: float = 20
@@ -109,11 +107,18 @@ class StandinController:
             expires_at=now + timedelta(seconds=expires_in_s),
             **fields,
         )
-        self.publish_raw(topic(device_id, Channel.COMMAND), command.to_json(), expiry_s=expires_in_s)
+        self.publish_raw(
+            topic(device_id, Channel.COMMAND), command.to_json(), expiry_s=expires_in_s
+        )
         return command
 
     def publish_raw(
-        self, topic_name: str, payload: bytes, *, retain: bool = False, expiry_s: float | None = None
+        self,
+        topic_name: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        expiry_s: float | None = None,
     ) -> None:
         props = None
         if expiry_s is not None and expiry_s > 0:

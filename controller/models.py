@@ -1,0 +1,216 @@
+"""The controller's state as SQLAlchemy 2 models; the schema itself is owned by the Alembic
+migrations in ``controller/migrations`` (a test checks the two agree)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite keeps no zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    school: Mapped[str] = mapped_column(String(200), index=True)
+    room: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    # presence: the highest epoch seen wins (a stale will never marks a live unit offline)
+    online: Mapped[bool] = mapped_column(Boolean, default=False, index=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=-1)
+    online_changed_at: Mapped[datetime | None]
+    last_seen_at: Mapped[datetime | None]
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    capabilities: Mapped[list[Any]] = mapped_column(default=list)
+    # latest health
+    state: Mapped[str | None] = mapped_column(String(16), index=True)
+    recording_id: Mapped[str | None] = mapped_column(String(128))
+    health: Mapped[dict[str, Any] | None]
+    health_at: Mapped[datetime | None]
+    # desired / reported
+    desired_version: Mapped[int] = mapped_column(Integer, default=0)
+    desired: Mapped[dict[str, Any] | None]
+    reported_version: Mapped[int] = mapped_column(Integer, default=0)
+    reported_error: Mapped[str | None] = mapped_column(Text)
+    # latest snapshot
+    snapshot_jpeg: Mapped[bytes | None] = mapped_column(LargeBinary)
+    snapshot_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_devices_school_room", "school", "room"),)
+
+
+class HealthSample(Base):
+    __tablename__ = "health_samples"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    ts: Mapped[datetime]
+    data: Mapped[dict[str, Any]]
+
+    __table_args__ = (Index("ix_health_device_ts", "device_id", "ts"),)
+
+
+class Alert(Base):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(16))
+    message: Mapped[str] = mapped_column(Text)
+    raised_at: Mapped[datetime]
+    cleared_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_alerts_open", "device_id", "kind", "cleared_at"),
+        Index("ix_alerts_raised", "raised_at"),
+    )
+
+
+class CommandRecord(Base):
+    __tablename__ = "commands"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    action: Mapped[str] = mapped_column(String(32))
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # queued → sent → accepted → done / failed / rejected / expired
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    accepted_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    recording_id: Mapped[str | None] = mapped_column(String(128))
+
+    __table_args__ = (Index("ix_commands_device_created", "device_id", "created_at"),)
+
+
+class Recording(Base):
+    __tablename__ = "recordings"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="RESTRICT"))
+    school: Mapped[str] = mapped_column(String(200), index=True)
+    room: Mapped[str] = mapped_column(String(200))
+    trigger: Mapped[str] = mapped_column(String(16))
+    window_id: Mapped[str | None] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(index=True)
+    ended_at: Mapped[datetime | None]
+    # recording / complete / partial / interrupted, as the unit reports it
+    status: Mapped[str] = mapped_column(String(16))
+    end_reason: Mapped[str | None] = mapped_column(String(16))
+    bookmarks: Mapped[list[Any]] = mapped_column(default=list)
+    gaps: Mapped[list[Any]] = mapped_column(default=list)
+    video: Mapped[str | None] = mapped_column(String(32))
+    audio: Mapped[str | None] = mapped_column(String(32))
+    segments_reported: Mapped[int] = mapped_column(Integer, default=0)
+    manifest_key: Mapped[str | None] = mapped_column(String(512))
+
+    segments: Mapped[list[Segment]] = relationship(
+        back_populates="recording", order_by="Segment.sequence", cascade="all, delete-orphan"
+    )
+
+
+class Segment(Base):
+    __tablename__ = "segments"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    recording_id: Mapped[str] = mapped_column(ForeignKey("recordings.id", ondelete="CASCADE"))
+    sequence: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(512), unique=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime]
+    recovered: Mapped[bool] = mapped_column(Boolean, default=False)
+    # announced → granted → uploaded → stored
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    grants: Mapped[int] = mapped_column(Integer, default=0)
+    announced_at: Mapped[datetime]
+    stored_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    recording: Mapped[Recording] = relationship(back_populates="segments")
+
+    __table_args__ = (UniqueConstraint("recording_id", "sequence", name="uq_segment_seq"),)
+
+
+class DeviceEvent(Base):
+    __tablename__ = "device_events"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    ts: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(40))
+    severity: Mapped[str] = mapped_column(String(16))
+    recording_id: Mapped[str | None] = mapped_column(String(128))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (Index("ix_events_device_ts", "device_id", "ts"),)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(200), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(300))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    # sha256 of the secret; the secret itself is shown once at creation
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
