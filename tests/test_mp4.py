@@ -254,3 +254,28 @@ def test_any_cut_of_a_real_segment_ends_on_a_fragment_boundary(
         assert path.read_bytes() == truncated[: result.kept_bytes]
     else:
         assert path.read_bytes() == truncated
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    flips=st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=1.0), st.integers(1, 255)),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_corrupted_bytes_anywhere_never_raise(
+    clip: Path, tmp_path: Path, flips: list[tuple[float, int]]
+) -> None:
+    data = bytearray(clip.read_bytes())
+    for where, mask in flips:
+        data[min(len(data) - 1, int(len(data) * where))] ^= mask
+    path = tmp_path / "flipped.mp4"
+    path.write_bytes(bytes(data))
+
+    result = recover_fragmented_mp4(path)
+
+    assert result.kept_bytes + result.dropped_bytes == len(data)
+    assert path.stat().st_size == (result.kept_bytes if result.playable else len(data))

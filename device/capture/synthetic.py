@@ -50,7 +50,7 @@ _MAX_PREVIEW_BUFFER = 8 * 1024 * 1024
 _PR_SET_PDEATHSIG = 1
 _CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)", re.IGNORECASE)
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = ctypes.CDLL(None)
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:

@@ -79,7 +79,7 @@ class AgentProcess:
     def socket(self) -> Path:
         return self.data_dir / "agent.sock"
 
-    def start(self) -> None:
+    def start(self, *, wait_connected: bool = True) -> None:
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "agent", "run", "--config", str(self.config_path)],
@@ -88,6 +88,10 @@ class AgentProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert wait_for(lambda: self._status() is not None, 20), self.log_tail()
+        if wait_connected:
+            # A unit's first session only exists once it connected; commands sent
+            # before that would not be queued for it.
+            assert wait_for(lambda: self.status()["connected"] is True, 20), self.log_tail()
 
     def _status(self) -> dict[str, object] | None:
         if self.proc is None or self.proc.poll() is not None:
