@@ -11,14 +11,15 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
-    Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
+    MetaData,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -45,7 +46,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+# Named constraints let later migrations (SQLite's batch mode included) find them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+_OPEN = text("cleared_at IS NULL")
+_MANIFEST_PENDING = text("revision > manifest_revision")
+
+
 class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
@@ -53,7 +68,7 @@ class Device(Base):
     __tablename__ = "devices"
 
     id: Mapped[str] = mapped_column(String(63), primary_key=True)
-    school: Mapped[str] = mapped_column(String(200), index=True)
+    school: Mapped[str] = mapped_column(String(200))
     room: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime]
     # presence: the highest epoch seen wins (a stale will never marks a live unit offline)
@@ -74,7 +89,7 @@ class Device(Base):
     reported_version: Mapped[int] = mapped_column(Integer, default=0)
     reported_error: Mapped[str | None] = mapped_column(Text)
     # latest snapshot
-    snapshot_jpeg: Mapped[bytes | None] = mapped_column(LargeBinary)
+    snapshot_jpeg: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     snapshot_at: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_devices_school_room", "school", "room"),)
@@ -105,6 +120,15 @@ class Alert(Base):
     __table_args__ = (
         Index("ix_alerts_open", "device_id", "kind", "cleared_at"),
         Index("ix_alerts_raised", "raised_at"),
+        # at most one open alert of a kind per unit, whichever controller raises it
+        Index(
+            "uq_alerts_open_kind",
+            "device_id",
+            "kind",
+            unique=True,
+            sqlite_where=_OPEN,
+            postgresql_where=_OPEN,
+        ),
     )
 
 
@@ -133,10 +157,12 @@ class Recording(Base):
     __tablename__ = "recordings"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id", ondelete="RESTRICT"))
+    # No foreign key: recordings outlive the unit that made them (school and room are copied).
+    device_id: Mapped[str] = mapped_column(String(63))
     school: Mapped[str] = mapped_column(String(200), index=True)
     room: Mapped[str] = mapped_column(String(200))
-    trigger: Mapped[str] = mapped_column(String(16))
+    # None until the unit's manifest arrives (a segment may be announced first)
+    trigger: Mapped[str | None] = mapped_column(String(16))
     window_id: Mapped[str | None] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(index=True)
     ended_at: Mapped[datetime | None]
@@ -149,9 +175,22 @@ class Recording(Base):
     audio: Mapped[str | None] = mapped_column(String(32))
     segments_reported: Mapped[int] = mapped_column(Integer, default=0)
     manifest_key: Mapped[str | None] = mapped_column(String(512))
+    # bumped on every change; the manifest in storage is current when the two agree
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    manifest_revision: Mapped[int] = mapped_column(Integer, default=0)
 
     segments: Mapped[list[Segment]] = relationship(
         back_populates="recording", order_by="Segment.sequence", cascade="all, delete-orphan"
+    )
+
+    __table_args__ = (
+        Index("ix_recordings_device_started", "device_id", "started_at"),
+        Index(
+            "ix_recordings_manifest_pending",
+            "id",
+            sqlite_where=_MANIFEST_PENDING,
+            postgresql_where=_MANIFEST_PENDING,
+        ),
     )
 
 

@@ -272,7 +272,9 @@ class Agent:
     def _cmd_reboot(self, command: Command) -> Outcome:
         argv = self.config.system.reboot_command
         if not argv:
-            log.info("reboot requested command=%s: no reboot_command configured, ignoring", command.id)
+            log.info(
+                "reboot requested command=%s: no reboot_command configured, ignoring", command.id
+            )
             return Outcome(CommandStatus.DONE, "no reboot command configured on this unit")
         timer = threading.Timer(2.0, self._reboot, args=(argv,))
         timer.daemon = True

@@ -41,7 +41,9 @@ class DesiredStateStore:
         self._journal.set_value(_DESIRED_KEY, desired.to_json().decode())
         self._journal.set_value(_APPLIED_AT_KEY, utcnow().isoformat())
         self._current = desired
-        log.info("desired state applied version=%d windows=%d", desired.version, len(desired.schedule))
+        log.info(
+            "desired state applied version=%d windows=%d", desired.version, len(desired.schedule)
+        )
         return ApplyResult(True)
 
     def reported(self, error: str | None = None) -> ReportedState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import re
 import selectors
 import socket
@@ -166,51 +167,81 @@ def put_file(
         bucket = TokenBucket(bits_to_bytes_per_s(bandwidth_bps))
 
     try:
-        size = path.stat().st_size
+        source = path.open("rb")
     except OSError as exc:
         raise PutError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    with source:
+        return _put(
+            parts.scheme,
+            parts.hostname,
+            parts.port,
+            target,
+            source=source,
+            path=path,
+            headers=headers,
+            timeout=timeout,
+            bucket=bucket,
+            stop=stop,
+            blocksize=blocksize,
+            ssl_context=ssl_context,
+        )
+
+
+def _put(
+    scheme: str,
+    host: str,
+    port: int | None,
+    target: str,
+    *,
+    source: BinaryIO,
+    path: Path,
+    headers: Mapping[str, str],
+    timeout: float,
+    bucket: TokenBucket | None,
+    stop: threading.Event,
+    blocksize: int,
+    ssl_context: ssl.SSLContext | None,
+) -> PutResponse:
+    # The size of the open file, so a file replaced meanwhile cannot mix two versions.
+    size = os.fstat(source.fileno()).st_size
     lowered = {name.lower(): value for name, value in headers.items()}
     declared = lowered.get("content-length")
     if declared is not None and declared.strip() != str(size):
         raise PutError(f"{path} is {size} bytes but the grant's Content-Length is {declared}")
 
-    where = f"{parts.hostname}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    where = f"{host}:{port or (443 if scheme == 'https' else 80)}"
     conn: http.client.HTTPConnection
-    if parts.scheme == "https":
+    if scheme == "https":
         conn = http.client.HTTPSConnection(
-            parts.hostname,
-            parts.port,
-            timeout=timeout,
-            context=ssl_context or ssl.create_default_context(),
+            host, port, timeout=timeout, context=ssl_context or ssl.create_default_context()
         )
     else:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        conn = http.client.HTTPConnection(host, port, timeout=timeout)
     sent = 0
     try:
-        with path.open("rb") as source:
-            conn.putrequest("PUT", target, skip_host="host" in lowered, skip_accept_encoding=True)
-            for name, value in headers.items():
-                conn.putheader(name, value)
-            if declared is None:
-                conn.putheader("Content-Length", str(size))
-            conn.endheaders()
-            sock = conn.sock
-            assert sock is not None
-            try:
-                for piece in _pieces(
-                    source, size=size, blocksize=blocksize, bucket=bucket, stop=stop, path=path
-                ):
-                    _send_all(sock, piece, stop, timeout)
-                    sent += len(piece)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                # The store may have answered early (a refused signature) and closed.
-                early = _early_response(conn)
-                if early is not None:
-                    log.info("put answered early status=%d sent=%d of %d", early.status, sent, size)
-                    return early
-                raise PutError(
-                    f"connection to {where} lost after {sent} of {size} bytes: {exc}"
-                ) from exc
+        conn.putrequest("PUT", target, skip_host="host" in lowered, skip_accept_encoding=True)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        if declared is None:
+            conn.putheader("Content-Length", str(size))
+        conn.endheaders()
+        sock = conn.sock
+        assert sock is not None
+        try:
+            for piece in _pieces(
+                source, size=size, blocksize=blocksize, bucket=bucket, stop=stop, path=path
+            ):
+                _send_all(sock, piece, stop, timeout)
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            # The store may have answered early (a refused signature) and closed.
+            early = _early_response(conn)
+            if early is not None:
+                log.info("put answered early status=%d sent=%d of %d", early.status, sent, size)
+                return early
+            raise PutError(
+                f"connection to {where} lost after {sent} of {size} bytes: {exc}"
+            ) from exc
         _wait_readable(sock, stop, timeout, where)
         response = conn.getresponse()
         return _response(response)
@@ -244,7 +275,10 @@ def _pieces(
     while remaining > 0:
         if stop.is_set():
             raise PutAborted("upload stopped")
-        block = source.read(min(blocksize, remaining))
+        try:
+            block = source.read(min(blocksize, remaining))
+        except OSError as exc:
+            raise PutError(f"cannot read {path}: {exc.strerror or exc}") from exc
         if not block:
             raise PutError(f"{path} shrank during upload: {size - remaining} of {size} bytes read")
         remaining -= len(block)

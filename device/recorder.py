@@ -160,7 +160,9 @@ class Recorder:
             run = self._run
             if run is None:
                 return Result(False, "not recording")
-            mark = Bookmark(at=utcnow(), source="button" if source == "button" else "command", note=note)
+            mark = Bookmark(
+                at=utcnow(), source="button" if source == "button" else "command", note=note
+            )
             manifest = self._journal.add_bookmark(run.recording_id, mark)
             self._spool.write_manifest(manifest)
         self._event(EventKind.BOOKMARK, Severity.INFO, "bookmark", run.recording_id)

@@ -130,7 +130,10 @@ class SegmentIntake:
                 continue
             size, sha256 = self._spool.hash_file(path)
             seg_start = last_end or started_at
-            seg_end = max(seg_start, from_timestamp(path.stat().st_mtime))
+            if result.media_seconds is not None:
+                seg_end = seg_start + timedelta(seconds=result.media_seconds)
+            else:
+                seg_end = max(seg_start, from_timestamp(path.stat().st_mtime))
             self._journal.segment_closed(
                 recording_id, sequence, path, size, sha256, seg_start, seg_end, recovered=True
             )

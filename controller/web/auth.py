@@ -37,6 +37,7 @@ ACCESS_ATTR = "classcap_access"
 CSRF_EXEMPT_ATTR = "classcap_csrf_exempt"
 CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
+SESSION_COOKIE = "classcap_session"
 TOKEN_PREFIX = "cct"
 USERNAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,199}$"
 MIN_PASSWORD_CHARS = 10
@@ -188,20 +189,20 @@ def delete_user(db: Database, username: str) -> None:
 
 
 def list_users(db: Database) -> list[UserView]:
-    with db.session() as s:
+    with db.session(readonly=True) as s:
         rows = s.scalars(select(User).order_by(User.username)).all()
         return [UserView(u.username, Role(u.role), u.created_at) for u in rows]
 
 
 def user_role(db: Database, username: str) -> Role | None:
-    with db.session() as s:
+    with db.session(readonly=True) as s:
         user = s.get(User, username)
         return Role(user.role) if user is not None else None
 
 
 def check_password(db: Database, username: str, password: str) -> Role | None:
     """The user's role if the password is right, otherwise None."""
-    with db.session() as s:
+    with db.session(readonly=True) as s:
         user = s.get(User, username)
         stored = user.password_hash if user is not None else None
         role = Role(user.role) if user is not None else None
@@ -258,7 +259,7 @@ def revoke_token(db: Database, token_id: str) -> None:
 
 
 def list_tokens(db: Database) -> list[TokenView]:
-    with db.session() as s:
+    with db.session(readonly=True) as s:
         rows = s.scalars(select(ApiToken).order_by(ApiToken.created_at)).all()
         return [
             TokenView(t.id, t.name, Role(t.role), t.created_at, t.last_used_at, t.revoked_at)

@@ -65,6 +65,7 @@ class AlertQuery(_In):
     open_only: bool = True
     school: SearchText | None = None
     device_id: SearchText | None = None
+    kind: Annotated[str, Field(min_length=1, max_length=40)] | None = None
     page: Page = 1
     per_page: PerPage = 100
 

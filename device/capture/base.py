@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # Fragmented MP4 with one-second fragments, flushed as written: a segment cut by
 # a power loss or kill -9 keeps all but its last second or two.
-FRAGMENT_DURATION_US = 1_000_000
+FRAGMENT_DURATION_US = 250_000
 MOVFLAGS = "+frag_keyframe+empty_moov+default_base_moof"
 SYNC_INTERVAL_S = 2.0
 # Snapshots are for a dashboard thumbnail: never wider than this.

@@ -141,6 +141,9 @@ def recording_command(
         "libx264",
         "-preset",
         "ultrafast",
+        # No frame-threading or lookahead delay: the first fragment reaches the spool sooner.
+        "-tune",
+        "zerolatency",
         "-pix_fmt",
         "yuv420p",
         "-b:v",

@@ -1,0 +1,340 @@
+"""Health warnings a person should act on: raised from each health sample and by a periodic
+sweep for units that stay offline, cleared when the cause goes away.
+
+A unit has at most one open alert of a kind (a partial unique index holds even
+with several controllers); while it stays open only its message follows the
+latest values. Temperature and free disk clear with some hysteresis so a unit
+hovering at a threshold does not flap.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from sqlalchemy import and_, exists, func, select, update
+from sqlalchemy.orm import Session
+
+from controller.db import Database
+from controller.models import Alert, Device
+from controller.views import AlertView, Page
+from shared.clock import utcnow
+from shared.messages import Health, RecorderState
+
+__all__ = ["AlertEngine", "AlertKind", "AlertThresholds", "AlertView", "Page"]
+
+log = logging.getLogger(__name__)
+
+_MB = 1024 * 1024
+# Keeps IN (...) lists well inside every backend's parameter limit.
+_CHUNK = 500
+
+
+class AlertKind(StrEnum):
+    OFFLINE = "offline"
+    DISK_LOW = "disk_low"
+    TEMPERATURE = "temperature"
+    UNDER_VOLTAGE = "under_voltage"
+    CAMERA_MISSING = "camera_missing"
+    MIC_SILENT = "mic_silent"
+    UPLOAD_BACKLOG = "upload_backlog"
+    CLOCK_UNSYNCED = "clock_unsynced"
+
+
+@dataclass(frozen=True)
+class AlertThresholds:
+    offline_after_s: float = 300
+    disk_free_min_mb: int = 2048
+    temp_max_c: float = 80
+    backlog_max_segments: int = 30
+    mic_silent_dbfs: float = -60
+    # an open alert clears only this far on the good side of its threshold
+    temp_hysteresis_c: float = 3.0
+    disk_hysteresis_mb: int = 256
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """``active`` None: the sample says nothing about this kind (unknown on the hardware)."""
+
+    kind: AlertKind
+    active: bool | None
+    severity: str = "warning"
+    message: str = ""
+
+
+class AlertEngine:
+    def __init__(
+        self,
+        db: Database,
+        thresholds: AlertThresholds | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._db = db
+        self.thresholds = thresholds or AlertThresholds()
+        self._clock = clock
+
+    # --- from health ------------------------------------------------------------------------
+
+    def evaluate_health(self, session: Session, device: Device, health: Health) -> None:
+        """Raises and clears the health kinds for ``device`` inside the caller's transaction."""
+        open_alerts = _open_alerts(session, device.id)
+        for finding in self._findings(health, open_alerts):
+            current = open_alerts.get(finding.kind)
+            if finding.active is None:
+                continue
+            if finding.active:
+                self._raise(session, device.id, finding, current)
+            elif current is not None:
+                self._clear(current)
+
+    def _findings(self, health: Health, open_alerts: dict[str, Alert]) -> list[_Finding]:
+        t = self.thresholds
+        findings: list[_Finding] = []
+
+        free_mb = health.disk_free_bytes // _MB
+        limit_mb = t.disk_free_min_mb + (t.disk_hysteresis_mb if AlertKind.DISK_LOW in open_alerts else 0)
+        findings.append(
+            _Finding(
+                AlertKind.DISK_LOW,
+                free_mb < limit_mb,
+                "error" if not health.can_record else "warning",
+                f"free disk {free_mb} MB is below {t.disk_free_min_mb} MB",
+            )
+        )
+
+        if health.soc_temp_c is None:
+            findings.append(_Finding(AlertKind.TEMPERATURE, None))
+        else:
+            limit_c = t.temp_max_c - (
+                t.temp_hysteresis_c if AlertKind.TEMPERATURE in open_alerts else 0
+            )
+            findings.append(
+                _Finding(
+                    AlertKind.TEMPERATURE,
+                    health.soc_temp_c > limit_c,
+                    "warning",
+                    f"SoC temperature {health.soc_temp_c:.1f} °C is above {t.temp_max_c:g} °C",
+                )
+            )
+
+        throttling = health.throttling
+        findings.append(
+            _Finding(
+                AlertKind.UNDER_VOLTAGE,
+                None if throttling is None else throttling.under_voltage_now,
+                "warning",
+                "under-voltage: the power supply is too weak",
+            )
+        )
+        findings.append(
+            _Finding(
+                AlertKind.CAMERA_MISSING,
+                None if health.camera_present is None else not health.camera_present,
+                "error",
+                "camera not detected",
+            )
+        )
+
+        recording = health.state is RecorderState.RECORDING
+        level = health.mic_level_dbfs
+        mic_active: bool | None
+        if not recording:
+            mic_active = False
+        elif level is None:
+            mic_active = None
+        else:
+            mic_active = level < t.mic_silent_dbfs
+        findings.append(
+            _Finding(
+                AlertKind.MIC_SILENT,
+                mic_active,
+                "warning",
+                f"microphone silent while recording: {level if level is not None else 0:.1f} dBFS "
+                f"(below {t.mic_silent_dbfs:g} dBFS)",
+            )
+        )
+
+        findings.append(
+            _Finding(
+                AlertKind.UPLOAD_BACKLOG,
+                health.spool_segments > t.backlog_max_segments,
+                "warning",
+                f"{health.spool_segments} segments waiting for upload "
+                f"(more than {t.backlog_max_segments})",
+            )
+        )
+        findings.append(
+            _Finding(
+                AlertKind.CLOCK_UNSYNCED,
+                None if health.clock_synced is None else not health.clock_synced,
+                "warning",
+                "clock not synchronised: recording times may be wrong",
+            )
+        )
+        return findings
+
+    def _raise(
+        self, session: Session, device_id: str, finding: _Finding, current: Alert | None
+    ) -> None:
+        if current is not None:
+            current.message = finding.message
+            current.severity = finding.severity
+            return
+        session.add(
+            Alert(
+                device_id=device_id,
+                kind=finding.kind.value,
+                severity=finding.severity,
+                message=finding.message,
+                raised_at=self._clock(),
+            )
+        )
+        log.info("alert raised device=%s kind=%s message=%s", device_id, finding.kind, finding.message)
+
+    def _clear(self, alert: Alert) -> None:
+        alert.cleared_at = self._clock()
+        log.info("alert cleared device=%s kind=%s", alert.device_id, alert.kind)
+
+    # --- presence ---------------------------------------------------------------------------
+
+    def device_online(self, session: Session, device_id: str) -> None:
+        """The unit is back: its offline alert clears in the same transaction."""
+        session.execute(
+            update(Alert)
+            .where(
+                Alert.device_id == device_id,
+                Alert.kind == AlertKind.OFFLINE.value,
+                Alert.cleared_at.is_(None),
+            )
+            .values(cleared_at=self._clock())
+        )
+
+    def sweep(self) -> None:
+        """Raises "offline" for units offline longer than ``offline_after_s`` (never-seen units
+        count from when they were added) and clears it for units that are online."""
+        now = self._clock()
+        cutoff = now - timedelta(seconds=self.thresholds.offline_after_s)
+        since = func.coalesce(Device.online_changed_at, Device.created_at)
+        with self._db.session() as session:
+            cleared = session.execute(
+                update(Alert)
+                .where(
+                    Alert.kind == AlertKind.OFFLINE.value,
+                    Alert.cleared_at.is_(None),
+                    Alert.device_id.in_(select(Device.id).where(Device.online.is_(True))),
+                )
+                .values(cleared_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            # Locking the rows makes a second controller's sweep wait, then see our alerts.
+            candidates = session.execute(
+                select(Device.id, since)
+                .where(
+                    Device.online.is_(False),
+                    since <= cutoff,
+                    ~exists().where(
+                        and_(
+                            Alert.device_id == Device.id,
+                            Alert.kind == AlertKind.OFFLINE.value,
+                            Alert.cleared_at.is_(None),
+                        )
+                    ),
+                )
+                .with_for_update(of=Device)
+            ).all()
+            raised = 0
+            for chunk in _chunks([(row[0], row[1]) for row in candidates]):
+                already = set(
+                    session.scalars(
+                        select(Alert.device_id).where(
+                            Alert.device_id.in_([device_id for device_id, _ in chunk]),
+                            Alert.kind == AlertKind.OFFLINE.value,
+                            Alert.cleared_at.is_(None),
+                        )
+                    )
+                )
+                for device_id, offline_since in chunk:
+                    if device_id in already:
+                        continue
+                    session.add(
+                        Alert(
+                            device_id=device_id,
+                            kind=AlertKind.OFFLINE.value,
+                            severity="error",
+                            message=f"offline since {offline_since:%Y-%m-%d %H:%M} UTC",
+                            raised_at=now,
+                        )
+                    )
+                    raised += 1
+        if raised or cleared:
+            log.info("offline sweep raised=%d cleared=%d", raised, cleared)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def list(
+        self,
+        *,
+        open_only: bool = True,
+        device_id: str | None = None,
+        school: str | None = None,
+        kind: str | None = None,
+        page: int = 1,
+        per_page: int = 100,
+    ) -> Page[AlertView]:
+        page, per_page = max(1, page), max(1, min(per_page, 1000))
+        query = select(Alert, Device.school, Device.room).join(Device, Device.id == Alert.device_id)
+        if open_only:
+            query = query.where(Alert.cleared_at.is_(None))
+        if device_id is not None:
+            query = query.where(Alert.device_id == device_id)
+        if school is not None:
+            query = query.where(Device.school == school)
+        if kind is not None:
+            query = query.where(Alert.kind == kind)
+        with self._db.session(readonly=True) as session:
+            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+            rows = session.execute(
+                query.order_by(Alert.raised_at.desc(), Alert.id.desc())
+                .limit(per_page)
+                .offset((page - 1) * per_page)
+            ).all()
+            items = [
+                AlertView(
+                    id=alert.id,
+                    device_id=alert.device_id,
+                    school=school_name,
+                    room=room,
+                    kind=alert.kind,
+                    severity=alert.severity,
+                    message=alert.message,
+                    raised_at=alert.raised_at,
+                    cleared_at=alert.cleared_at,
+                )
+                for alert, school_name, room in rows
+            ]
+        return Page(items, total, page, per_page)
+
+    def open_counts(self) -> dict[str, int]:
+        """Open alerts per kind, every kind present (for /metrics)."""
+        counts = dict.fromkeys((kind.value for kind in AlertKind), 0)
+        with self._db.session(readonly=True) as session:
+            for kind, count in session.execute(
+                select(Alert.kind, func.count()).where(Alert.cleared_at.is_(None)).group_by(Alert.kind)
+            ):
+                counts[kind] = count
+        return counts
+
+
+def _open_alerts(session: Session, device_id: str) -> dict[str, Alert]:
+    alerts = session.scalars(
+        select(Alert).where(Alert.device_id == device_id, Alert.cleared_at.is_(None))
+    )
+    return {alert.kind: alert for alert in alerts}
+
+
+def _chunks(items: Sequence[tuple[str, datetime]]) -> list[Sequence[tuple[str, datetime]]]:
+    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]

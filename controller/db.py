@@ -1,0 +1,129 @@
+"""The controller's database: one engine, sessions that commit or roll back, migrations.
+
+SQLite (the embedded default) runs in WAL mode with foreign keys on. Its
+writers are serialised with ``BEGIN IMMEDIATE`` so a transaction that reads
+and then writes waits for the lock (``busy_timeout``) instead of failing when
+another writer got there first; read-only sessions use a plain deferred
+``BEGIN`` and never wait. PostgreSQL goes through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import StaticPool
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_BEGIN_OPTION = "classcap_sqlite_begin"
+
+
+def _is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:") or "mode=memory" in str(url)
+
+
+class Database:
+    def __init__(
+        self,
+        url: str,
+        *,
+        busy_timeout_ms: int = 30_000,
+        pool_size: int = 10,
+        max_overflow: int = 20,
+        echo: bool = False,
+    ) -> None:
+        self.url = make_url(url)
+        self.dialect = self.url.get_backend_name()
+        if self.dialect == "sqlite":
+            self.engine = self._sqlite_engine(busy_timeout_ms, echo)
+        elif self.dialect == "postgresql":
+            if self.url.get_driver_name() not in ("psycopg", ""):
+                raise ValueError(
+                    f"database url {self.url.render_as_string(hide_password=True)}: "
+                    "use the psycopg 3 driver (postgresql+psycopg://...)"
+                )
+            self.engine = create_engine(
+                self.url.set(drivername="postgresql+psycopg"),
+                pool_size=pool_size,
+                max_overflow=max_overflow,
+                pool_pre_ping=True,
+                echo=echo,
+            )
+        else:
+            raise ValueError(
+                f"database url {self.url.render_as_string(hide_password=True)}: "
+                "only sqlite:///PATH and postgresql+psycopg://... are supported"
+            )
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"}),
+            expire_on_commit=False,
+        )
+
+    def _sqlite_engine(self, busy_timeout_ms: int, echo: bool) -> Engine:
+        kwargs: dict[str, Any] = {"echo": echo}
+        if _is_memory(self.url):
+            # One connection, or every session would see its own empty database.
+            kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        else:
+            assert self.url.database is not None
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(self.url, **kwargs)
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # The driver's own implicit BEGIN would be deferred; we issue ours in "begin".
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+                cursor.execute("PRAGMA foreign_keys = ON")
+                cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            finally:
+                cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(connection: Any) -> None:
+            mode = connection.get_execution_options().get(_BEGIN_OPTION, "IMMEDIATE")
+            connection.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    @contextmanager
+    def session(self, *, readonly: bool = False) -> Iterator[Session]:
+        """A transaction: committed when the block ends, rolled back if it raises.
+
+        ``readonly`` sessions do not take SQLite's write lock; writing in one may
+        fail with "database is locked" under load, so only read in them.
+        """
+        factory = self._read_sessions if readonly else self._sessions
+        with factory() as session:
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def migrate(self) -> None:
+        """Brings the schema to the newest revision (``alembic upgrade head``)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+        log.info("database migrated url=%s", self.url.render_as_string(hide_password=True))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,1 @@
+"""One module per schema revision, in order of their ``down_revision`` chain."""

@@ -1,0 +1,40 @@
+"""What the catalogue needs from district storage, whichever store holds the objects."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from controller.storage.s3 import PresignedPut, StorageError, Verification
+
+__all__ = ["PresignedPut", "Storage", "StorageAccessError", "StorageError", "Verification"]
+
+
+class StorageAccessError(StorageError):
+    """A request to the controller's own object routes that is refused (403) or finds nothing (404)."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+
+
+class Storage(Protocol):
+    def key_for(self, device_id: str, recording_id: str, filename: str) -> str:
+        """The object key of one file of one recording."""
+        ...
+
+    def presign_put(self, key: str, size: int, sha256_hex: str, expires_s: int) -> PresignedPut:
+        """A URL accepting one PUT of exactly ``size`` bytes hashing to ``sha256_hex``."""
+        ...
+
+    def verify(self, key: str, size: int, sha256_hex: str) -> Verification:
+        """Whether ``key`` holds exactly that; raises StorageError if the store cannot be asked."""
+        ...
+
+    def presign_get(self, key: str, expires_s: int) -> str:
+        """A URL to download ``key`` until it expires."""
+        ...
+
+    def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        """Writes a small object (a manifest) whole; raises StorageError on failure."""
+        ...
