@@ -18,7 +18,7 @@ from enum import StrEnum
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db import Database
+from controller.db import Database, affected
 from controller.models import Alert, Device
 from controller.views import AlertView, Page
 from shared.clock import utcnow
@@ -96,7 +96,9 @@ class AlertEngine:
         findings: list[_Finding] = []
 
         free_mb = health.disk_free_bytes // _MB
-        limit_mb = t.disk_free_min_mb + (t.disk_hysteresis_mb if AlertKind.DISK_LOW in open_alerts else 0)
+        limit_mb = t.disk_free_min_mb + (
+            t.disk_hysteresis_mb if AlertKind.DISK_LOW in open_alerts else 0
+        )
         findings.append(
             _Finding(
                 AlertKind.DISK_LOW,
@@ -193,7 +195,9 @@ class AlertEngine:
                 raised_at=self._clock(),
             )
         )
-        log.info("alert raised device=%s kind=%s message=%s", device_id, finding.kind, finding.message)
+        log.info(
+            "alert raised device=%s kind=%s message=%s", device_id, finding.kind, finding.message
+        )
 
     def _clear(self, alert: Alert) -> None:
         alert.cleared_at = self._clock()
@@ -220,16 +224,18 @@ class AlertEngine:
         cutoff = now - timedelta(seconds=self.thresholds.offline_after_s)
         since = func.coalesce(Device.online_changed_at, Device.created_at)
         with self._db.session() as session:
-            cleared = session.execute(
-                update(Alert)
-                .where(
-                    Alert.kind == AlertKind.OFFLINE.value,
-                    Alert.cleared_at.is_(None),
-                    Alert.device_id.in_(select(Device.id).where(Device.online.is_(True))),
+            cleared = affected(
+                session.execute(
+                    update(Alert)
+                    .where(
+                        Alert.kind == AlertKind.OFFLINE.value,
+                        Alert.cleared_at.is_(None),
+                        Alert.device_id.in_(select(Device.id).where(Device.online.is_(True))),
+                    )
+                    .values(cleared_at=now)
+                    .execution_options(synchronize_session=False)
                 )
-                .values(cleared_at=now)
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            )
             # Locking the rows makes a second controller's sweep wait, then see our alerts.
             candidates = session.execute(
                 select(Device.id, since)
@@ -323,7 +329,9 @@ class AlertEngine:
         counts = dict.fromkeys((kind.value for kind in AlertKind), 0)
         with self._db.session(readonly=True) as session:
             for kind, count in session.execute(
-                select(Alert.kind, func.count()).where(Alert.cleared_at.is_(None)).group_by(Alert.kind)
+                select(Alert.kind, func.count())
+                .where(Alert.cleared_at.is_(None))
+                .group_by(Alert.kind)
             ):
                 counts[kind] = count
         return counts

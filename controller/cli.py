@@ -5,11 +5,14 @@ Every ``classcap`` invocation loads this module (units included, which lack the
 controller's extra dependencies), so only the handlers import the controller itself.
 """
 
+# ruff: noqa: PLC0415  (the lazy imports above are the point)
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import secrets
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,7 +51,9 @@ def register(sub: Any) -> None:
     run.set_defaults(handler=_run)
     check = with_config(actions.add_parser("check-config", help="validate the config and exit"))
     check.set_defaults(handler=_check)
-    migrate = with_config(actions.add_parser("migrate", help="bring the database schema up to date"))
+    migrate = with_config(
+        actions.add_parser("migrate", help="bring the database schema up to date")
+    )
     migrate.set_defaults(handler=_migrate)
 
     device = actions.add_parser("device", help="enrol and list units")
@@ -196,7 +201,11 @@ def _device_add(args: argparse.Namespace, config: ControllerConfig) -> int:
     with _database(config) as db:
         try:
             bundle = add_unit(
-                config, _registry(config, db), args.device_id, school=args.school, room=args.room,
+                config,
+                _registry(config, db),
+                args.device_id,
+                school=args.school,
+                room=args.room,
                 out_dir=out,
             )
         except DeviceExists:
@@ -301,8 +310,6 @@ def _token_create(args: argparse.Namespace, config: ControllerConfig) -> int:
 
 @_handled
 def _user_add(args: argparse.Namespace, config: ControllerConfig) -> int:
-    import secrets
-
     from controller.web.auth import AuthError, Role, create_user
 
     generated = args.password_file is None

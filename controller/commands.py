@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db import Database
+from controller.db import Database, affected
 from controller.models import CommandRecord, Device
 from controller.registry import UnknownDevice
 from controller.views import CommandView, Page
@@ -41,7 +41,11 @@ SENT = "sent"
 ACCEPTED = "accepted"
 EXPIRED = "expired"
 OPEN_STATUSES = (QUEUED, SENT, ACCEPTED)
-FINAL_STATUSES = (CommandStatus.DONE.value, CommandStatus.FAILED.value, CommandStatus.REJECTED.value)
+FINAL_STATUSES = (
+    CommandStatus.DONE.value,
+    CommandStatus.FAILED.value,
+    CommandStatus.REJECTED.value,
+)
 MAX_EXPIRES_S = 24 * 3600
 _LATENCY_SAMPLES = 1000
 
@@ -182,12 +186,14 @@ class CommandService:
         """Marks every open command past its expiry as expired; returns how many."""
         now = self._clock()
         with self._db.session() as session:
-            count = session.execute(
-                update(CommandRecord)
-                .where(CommandRecord.status.in_(OPEN_STATUSES), CommandRecord.expires_at <= now)
-                .values(status=EXPIRED, finished_at=now, reason="no answer before it expired")
-                .execution_options(synchronize_session=False)
-            ).rowcount
+            count = affected(
+                session.execute(
+                    update(CommandRecord)
+                    .where(CommandRecord.status.in_(OPEN_STATUSES), CommandRecord.expires_at <= now)
+                    .values(status=EXPIRED, finished_at=now, reason="no answer before it expired")
+                    .execution_options(synchronize_session=False)
+                )
+            )
         return int(count or 0)
 
     def due_for(self, device_id: str) -> builtins.list[Command]:

@@ -27,6 +27,8 @@ DEFAULT_DATA_DIR = Path("/var/lib/classcap-controller")
 _BUCKET_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 _SECRET_BYTES = 32
 Port = Annotated[int, Field(ge=0, le=65535)]
+# Listening on every address; the controller itself reaches such a listener on loopback.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104
 
 
 class _Section(BaseModel):
@@ -68,8 +70,7 @@ class ServerConfig(_Section):
         """``public_url``, or the address the server listens on (``port``: the bound one)."""
         if self.public_url is not None:
             return self.public_url
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
-        host = "[::1]" if host == "::" else host
+        host = "127.0.0.1" if self.host in _WILDCARD_HOSTS else self.host
         return f"http://{host}:{port if port is not None else self.port}"
 
 
@@ -139,7 +140,9 @@ class BrokerConfig(_Section):
         if self.mode == "external" and self.url is None:
             raise ValueError("an external broker needs url")
         if self.mode == "embedded" and self.url is not None:
-            raise ValueError("url is for an external broker; the embedded one uses [broker.embedded]")
+            raise ValueError(
+                "url is for an external broker; the embedded one uses [broker.embedded]"
+            )
         if self.mode == "embedded" and self.username != CONTROLLER_USER:
             raise ValueError(f"the embedded broker's ACL knows the controller as {CONTROLLER_USER}")
         return self
@@ -150,7 +153,7 @@ class BrokerConfig(_Section):
         if self.url is not None:
             return self.url
         host = self.embedded.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        host = "127.0.0.1" if host in _WILDCARD_HOSTS else host
         return f"mqtt://{host}:{self.embedded.port}"
 
     @property
@@ -218,7 +221,7 @@ class StorageConfig(_Section):
 
     def s3_settings(self) -> S3Settings:
         """Raises OSError when ``secret_key_file`` cannot be read."""
-        from controller.storage.s3 import S3Settings
+        from controller.storage.s3 import S3Settings  # noqa: PLC0415  (boto3: controller only)
 
         if self.bucket is None:
             raise ValueError("storage.bucket is not set")

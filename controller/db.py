@@ -13,12 +13,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, CursorResult, Result, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
@@ -30,6 +30,11 @@ _BEGIN_OPTION = "classcap_sqlite_begin"
 
 def _is_memory(url: URL) -> bool:
     return url.database in (None, "", ":memory:") or "mode=memory" in str(url)
+
+
+def affected(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE executed through a Session touched."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
 class Database:

@@ -66,7 +66,9 @@ control_socket = "{unit_dir / "agent.sock"}"
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     root = Path(os.environ.get("CLASSCAP_DEMO_DIR", "var/demo")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     broker = MosquittoSupervisor(BrokerSettings(directory=root / "broker", port=_free_port()))

@@ -24,7 +24,6 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,6 +75,10 @@ _RECONNECT_MAX_S = 30
 # Answers paho holds while the broker is away; beyond this a publish fails (and is counted)
 # rather than growing without bound: units ask again for whatever was not answered.
 _MAX_QUEUED_PUBLISHES = 10_000
+# How often manifests whose write to storage failed are tried again. On its own thread:
+# with storage down each try waits for the store's timeouts, which must not delay the
+# offline and command-expiry sweep.
+_MANIFEST_RETRY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ class MqttService:
                 )
             )
         self._threads.append(threading.Thread(target=self._sweeper, name="mqtt-sweep", daemon=True))
+        self._threads.append(
+            threading.Thread(target=self._manifest_catch_up, name="mqtt-manifests", daemon=True)
+        )
         for thread in self._threads:
             thread.start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -180,7 +186,9 @@ class MqttService:
             return
         device = self._registry.get(view.device_id)
         if device is None or not device.online:
-            log.info("command queued until unit online command=%s device=%s", command_id, view.device_id)
+            log.info(
+                "command queued until unit online command=%s device=%s", command_id, view.device_id
+            )
             return
         command = self._commands.to_message(command_id)
         if command is None:
@@ -259,7 +267,9 @@ class MqttService:
         _props: Properties | None,
     ) -> None:
         if reason.is_failure:
-            log.error("broker refused controller url=%s reason=%s", self._broker.connect_url, reason)
+            log.error(
+                "broker refused controller url=%s reason=%s", self._broker.connect_url, reason
+            )
             return
         result, _mid = client.subscribe([(f, 1) for f in self._subscriptions()])
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
@@ -310,7 +320,9 @@ class MqttService:
             self._rejected(topic_name, str(exc), payload)
             return
         if parsed.channel not in UNIT_PUBLISHES:
-            self._rejected(topic_name, f"controller does not receive {parsed.channel.value}", payload)
+            self._rejected(
+                topic_name, f"controller does not receive {parsed.channel.value}", payload
+            )
             return
         if not payload:
             log.debug("ignored empty message topic=%s", topic_name)  # a cleared retained message
@@ -325,7 +337,9 @@ class MqttService:
 
     def _rejected(self, topic_name: str, reason: str, payload: bytes) -> None:
         self._count("messages_rejected_total")
-        log.warning("rejected message topic=%s reason=%s bytes=%d", topic_name, reason, len(payload))
+        log.warning(
+            "rejected message topic=%s reason=%s bytes=%d", topic_name, reason, len(payload)
+        )
 
     # --- workers ------------------------------------------------------------------------------
 
@@ -348,7 +362,9 @@ class MqttService:
             except Exception:
                 self._count("handler_errors_total")
                 log.exception(
-                    "message handling failed device=%s channel=%s", item.device_id, item.channel.value
+                    "message handling failed device=%s channel=%s",
+                    item.device_id,
+                    item.channel.value,
                 )
 
     def _handle(self, item: _Work) -> None:
@@ -451,6 +467,16 @@ class MqttService:
         else:
             if expired:
                 log.info("commands expired count=%d", expired)
+
+    def _manifest_catch_up(self) -> None:
+        while not self._stop.wait(_MANIFEST_RETRY_S):
+            try:
+                written = self._catalogue.write_pending_manifests()
+            except Exception:
+                log.exception("manifest catch-up failed")
+            else:
+                if written:
+                    log.info("pending manifests written count=%d", written)
 
     # --- publishing -------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, TypeAlias
 
 from controller.broker import CONTROLLER_USER, BrokerError, set_password
 from controller.config import ControllerConfig
@@ -35,7 +35,7 @@ UNIT_CONFIG_DIR = Path("/etc/classcap")
 _PASSWORD_BYTES = 24
 
 TomlScalar = str | int | float | bool | Path
-TomlValue = Union[TomlScalar, list[TomlScalar], Mapping[str, "TomlValue"]]
+TomlValue: TypeAlias = TomlScalar | list[TomlScalar] | Mapping[str, "TomlValue"]
 
 
 class ProvisionError(Exception):
@@ -80,12 +80,23 @@ def add_unit(
         raise ProvisionError("school and room must not be empty")
     registry.add_device(device_id, school.strip(), room.strip())
     try:
-        bundle = _issue(config, device_id, out_dir, unit_config_dir, agent_settings, reload_broker)
+        bundle = _issue(
+            config,
+            device_id,
+            out_dir=out_dir,
+            unit_config_dir=unit_config_dir,
+            agent_settings=agent_settings,
+            reload_broker=reload_broker,
+        )
     except BaseException:
         registry.remove_device(device_id)
         raise
     log.info(
-        "unit added device=%s school=%s room=%s bundle=%s", device_id, school, room, bundle.directory
+        "unit added device=%s school=%s room=%s bundle=%s",
+        device_id,
+        school,
+        room,
+        bundle.directory,
     )
     return bundle
 
@@ -105,7 +116,14 @@ def reissue_unit(
     _check_id(device_id)
     if not registry.known(device_id):
         raise ProvisionError(f"unit {device_id} is not registered")
-    bundle = _issue(config, device_id, out_dir, unit_config_dir, agent_settings, reload_broker)
+    bundle = _issue(
+        config,
+        device_id,
+        out_dir=out_dir,
+        unit_config_dir=unit_config_dir,
+        agent_settings=agent_settings,
+        reload_broker=reload_broker,
+    )
     log.info("unit credentials reissued device=%s bundle=%s", device_id, bundle.directory)
     return bundle
 
@@ -160,6 +178,7 @@ def _check_id(device_id: str) -> None:
 def _issue(
     config: ControllerConfig,
     device_id: str,
+    *,
     out_dir: Path,
     unit_config_dir: Path,
     agent_settings: Mapping[str, TomlValue] | None,

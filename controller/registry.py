@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.alerts import AlertEngine
-from controller.db import Database
+from controller.db import Database, affected
 from controller.models import Alert, Device, DeviceEvent, HealthSample
 from controller.views import DeviceView, Page
 from shared.clock import utcnow
@@ -118,7 +118,7 @@ class Registry:
     def remove_device(self, device_id: str) -> None:
         """Forgets the unit, its health, events, alerts and commands; its recordings stay."""
         with self._db.session() as session:
-            removed = session.execute(delete(Device).where(Device.id == device_id)).rowcount
+            removed = affected(session.execute(delete(Device).where(Device.id == device_id)))
         if not removed:
             raise UnknownDevice(device_id)
         log.info("device removed device=%s", device_id)
@@ -250,7 +250,9 @@ class Registry:
                 )
         return True
 
-    def _presence_event(self, session: Session, device_id: str, status: Status, now: datetime) -> None:
+    def _presence_event(
+        self, session: Session, device_id: str, status: Status, now: datetime
+    ) -> None:
         session.add(
             DeviceEvent(
                 device_id=device_id,

@@ -15,6 +15,7 @@ import socket
 import threading
 from pathlib import Path
 from types import FrameType
+from typing import Any, cast
 
 import sdnotify
 from waitress import wasyncore
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 BROKER_CONNECT_TIMEOUT_S = 15.0
 _PASSWORD_POLL_S = 1.0
-_STOP_TIMEOUT_S = 10.0
+_STOP_TIMEOUT_S = 10
 
 
 class StartError(RuntimeError):
@@ -56,10 +57,12 @@ class EmbeddedBroker(MosquittoSupervisor):
 
     def write_config(self) -> Path:
         path = super().write_config()
-        # Started as root, mosquitto switches to the 'mosquitto' user, who cannot read
-        # the owner-only password file: keep it running as whoever runs the controller.
         with path.open("a", encoding="utf-8") as handle:
+            # Started as root, mosquitto switches to the 'mosquitto' user, who cannot read
+            # the owner-only password file: keep it running as whoever runs the controller.
             handle.write(f"user {pwd.getpwuid(os.geteuid()).pw_name}\n")
+            # The client id is the user name, so no unit can take over another's session.
+            handle.write("use_username_as_clientid true\n")
         return path
 
     def start(self, timeout: float = 10.0) -> None:
@@ -125,6 +128,7 @@ class ControllerService:
         self._mqtt: MqttService | None = None
         self._web: BaseWSGIServer | MultiSocketServer | None = None
         self._web_thread: threading.Thread | None = None
+        self._web_map: dict[int, Any] = {}
         self._listener: socket.socket | None = None
         self._services: WebServices | None = None
         self.base_url = ""
@@ -207,7 +211,11 @@ class ControllerService:
             ),
         )
         self._web = create_server(
-            app, sockets=[self._listener], threads=config.server.threads, ident="classcap"
+            app,
+            map=self._web_map,
+            sockets=[self._listener],
+            threads=config.server.threads,
+            ident="classcap",
         )
         self._web_thread = threading.Thread(target=self._web.run, name="web", daemon=True)
         self._web_thread.start()
@@ -216,7 +224,10 @@ class ControllerService:
     def stop(self) -> None:
         web, self._web = self._web, None
         if web is not None:
-            web.trigger.pull_trigger(lambda: wasyncore.close_all(_socket_map(web)))
+            # Closing every channel from the server's own loop thread ends its loop;
+            # waitress's stubs type the loop's wake-up trigger as an int.
+            loop_trigger: Any = cast(Any, web).trigger
+            loop_trigger.pull_trigger(lambda: wasyncore.close_all(self._web_map))
             if self._web_thread is not None:
                 self._web_thread.join(_STOP_TIMEOUT_S)
             web.task_dispatcher.shutdown(timeout=_STOP_TIMEOUT_S)
@@ -268,12 +279,6 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise StartError(f"cannot listen on {host}:{port}: {exc}") from None
     return sock
-
-
-def _socket_map(server: BaseWSGIServer | MultiSocketServer) -> dict[int, wasyncore.dispatcher]:
-    if isinstance(server, MultiSocketServer):
-        return server.map  # type: ignore[no-any-return]
-    return server._map  # type: ignore[no-any-return]
 
 
 def run(config: ControllerConfig) -> int:

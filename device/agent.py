@@ -109,7 +109,7 @@ class Agent:
         self.uploader = Uploader(
             self.journal, self.spool, self.link.publish, config.upload, config.device_id
         )
-        self.recorder.on_recording_ended(lambda _rid: self.uploader.hold_for_spread())
+        self.recorder.on_recording_ended(self._recording_ended)
         self.intake = SegmentIntake(
             self.journal,
             self.spool,
@@ -235,6 +235,10 @@ class Agent:
             self._counters.button_started_at = time.monotonic()
             self.recorder.start(Trigger.BUTTON)
         self._update_light()
+
+    def _recording_ended(self, recording_id: str) -> None:
+        self.uploader.hold_for_spread()
+        self.uploader.forget_recording_if_done(recording_id)
 
     def _simulated_press(self, kind: PressKind) -> None:
         if not self.config.gpio.mock:

@@ -30,6 +30,7 @@ from device.spool import Spool, SpoolError
 from shared.clock import utcnow
 from shared.messages import (
     Message,
+    RecordingStatus,
     SegmentAnnouncement,
     StoredConfirmation,
     UploadGrant,
@@ -258,6 +259,21 @@ class Uploader:
             self._spool.delete_stored_segment(row.path)
         except SpoolError:
             log.exception("stored segment not deleted recording=%s seq=%d", *key)
+            return
+        self.forget_recording_if_done(row.recording_id)
+
+    def forget_recording_if_done(self, recording_id: str) -> None:
+        """Removes an ended recording's folder once storage has confirmed all of its segments."""
+        manifest = self._journal.manifest(recording_id)
+        if manifest is None or manifest.status is RecordingStatus.RECORDING:
+            return
+        rows = self._journal.all_segments(recording_id)
+        if any(r.state is not SegmentState.STORED for r in rows):
+            return
+        try:
+            self._spool.remove_finished_recording(recording_id)
+        except SpoolError:
+            log.exception("recording folder not removed recording=%s", recording_id)
 
     # --- scheduler --------------------------------------------------------------------------
 

@@ -115,6 +115,8 @@ def test_three_and_a_half_minutes_in_sixty_second_segments(
         total += info.duration_of("video")
     assert abs(total - wall) <= 1.0, (total, wall)
     assert wait_for(lambda: not _spool_segments(agent), 10)
+    # Once storage has confirmed every segment of an ended recording its folder goes too.
+    assert wait_for(lambda: not (agent.data_dir / "spool" / recording_id).exists(), 10)
 
 
 def test_kill9_mid_segment_recovers_partial_segment_and_uploads_it(

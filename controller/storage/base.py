@@ -10,7 +10,7 @@ __all__ = ["PresignedPut", "Storage", "StorageAccessError", "StorageError", "Ver
 
 
 class StorageAccessError(StorageError):
-    """A request to the controller's own object routes that is refused (403) or finds nothing (404)."""
+    """A request to the controller's object routes refused (403) or finding nothing (404)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(f"{status} {reason}")

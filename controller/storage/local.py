@@ -62,6 +62,9 @@ class LocalStorage:
     # --- keys -----------------------------------------------------------------------------
 
     def key_for(self, device_id: str, recording_id: str, filename: str) -> str:
+        for part in (device_id, recording_id, filename):
+            if "/" in part:
+                raise ValueError(f"{part!r} cannot be one part of a key")
         key = "/".join((device_id, recording_id, filename))
         self._path(key)
         return key
@@ -113,7 +116,9 @@ class LocalStorage:
     def presign_get(self, key: str, expires_s: int) -> str:
         self._path(key)
         expires = self._expiry(expires_s)
-        return self._url(key, {"expires": str(expires), "sig": self._sign("GET", key, str(expires))})
+        return self._url(
+            key, {"expires": str(expires), "sig": self._sign("GET", key, str(expires))}
+        )
 
     def _check_expiry(self, expires: int) -> None:
         if self._clock() >= from_timestamp(expires):
@@ -286,4 +291,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-

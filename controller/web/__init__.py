@@ -1,4 +1,4 @@
-"""The controller's web app: REST API, dashboard, /metrics and the embedded store's object routes."""
+"""The controller's web app: REST API, dashboard, /metrics and the local store's object routes."""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
 
+from controller.registry import UnknownDevice
+from controller.views import CommandView
 from controller.web import auth
 from controller.web.auth import Role, current_principal
 from controller.web.errors import ApiError
@@ -44,7 +46,6 @@ from controller.web.schemas import (
     UserOut,
     UsersOut,
 )
-from controller.views import CommandView
 from controller.web.services import services
 from shared import __version__
 from shared.messages import CommandAction
@@ -83,17 +84,22 @@ def issue_commands(
     comes online, or expires. A publishing failure therefore never fails the request.
     """
     svc = services()
-    created = svc.commands.create(
-        device_ids, action, created_by=created_by, expires_in_s=expires_in_s, note=note
-    )
+    try:
+        created = svc.commands.create(
+            device_ids, action, created_by=created_by, expires_in_s=expires_in_s, note=note
+        )
+    except UnknownDevice as exc:
+        raise ApiError(404, "unknown unit", f"no unit {exc}") from None
+    except ValueError as exc:
+        raise ApiError(422, "invalid command", str(exc)) from None
     for view in created:
         try:
             svc.publish_command(view.id)
         except Exception:
-            log.exception("command not sent, left queued command=%s device=%s", view.id, view.device_id)
-    log.info(
-        "commands issued action=%s units=%d by=%s", action.value, len(created), created_by
-    )
+            log.exception(
+                "command not sent, left queued command=%s device=%s", view.id, view.device_id
+            )
+    log.info("commands issued action=%s units=%d by=%s", action.value, len(created), created_by)
     return created
 
 
@@ -101,7 +107,11 @@ def issue_commands(
 
 
 @table.route(
-    "GET", "/devices", summary="List units", access=Role.VIEWER, query=DeviceQuery,
+    "GET",
+    "/devices",
+    summary="List units",
+    access=Role.VIEWER,
+    query=DeviceQuery,
     response=DevicePageOut,
 )
 def list_devices(query: DeviceQuery) -> DevicePageOut:
@@ -123,8 +133,12 @@ def list_devices(query: DeviceQuery) -> DevicePageOut:
 
 
 @table.route(
-    "GET", "/devices/<device_id>", summary="One unit with its alerts and latest commands",
-    access=Role.VIEWER, response=DeviceDetailOut, errors=(404,),
+    "GET",
+    "/devices/<device_id>",
+    summary="One unit with its alerts and latest commands",
+    access=Role.VIEWER,
+    response=DeviceDetailOut,
+    errors=(404,),
 )
 def get_device(device_id: str) -> DeviceDetailOut:
     svc = services()
@@ -151,8 +165,13 @@ def get_device(device_id: str) -> DeviceDetailOut:
 
 
 @table.route(
-    "GET", "/devices/<device_id>/health", summary="Health history, newest first",
-    access=Role.VIEWER, query=HealthQuery, response=HealthHistoryOut, errors=(404,),
+    "GET",
+    "/devices/<device_id>/health",
+    summary="Health history, newest first",
+    access=Role.VIEWER,
+    query=HealthQuery,
+    response=HealthHistoryOut,
+    errors=(404,),
 )
 def device_health(device_id: str, query: HealthQuery) -> HealthHistoryOut:
     _require_device(device_id)
@@ -161,8 +180,12 @@ def device_health(device_id: str, query: HealthQuery) -> HealthHistoryOut:
 
 
 @table.route(
-    "GET", "/devices/<device_id>/snapshot", summary="Latest snapshot picture",
-    access=Role.VIEWER, media_type="image/jpeg", errors=(404,),
+    "GET",
+    "/devices/<device_id>/snapshot",
+    summary="Latest snapshot picture",
+    access=Role.VIEWER,
+    media_type="image/jpeg",
+    errors=(404,),
 )
 def device_snapshot(device_id: str) -> ResponseReturnValue:
     _require_device(device_id)
@@ -173,13 +196,21 @@ def device_snapshot(device_id: str) -> ResponseReturnValue:
     response = Response(jpeg, mimetype="image/jpeg")
     response.last_modified = taken_at
     response.cache_control.private = True
-    response.cache_control.no_cache = True
+    if "v" in request.args:
+        # The dashboard versions the URL by the picture's time: that URL never changes content.
+        response.cache_control.max_age = 86400
+    else:
+        response.cache_control.no_cache = True
     return response.make_conditional(request)
 
 
 @table.route(
-    "GET", "/devices/<device_id>/desired", summary="The unit's desired state document",
-    access=Role.VIEWER, response=DesiredOut, errors=(404,),
+    "GET",
+    "/devices/<device_id>/desired",
+    summary="The unit's desired state document",
+    access=Role.VIEWER,
+    response=DesiredOut,
+    errors=(404,),
 )
 def get_desired(device_id: str) -> DesiredOut:
     _require_device(device_id)
@@ -190,9 +221,14 @@ def get_desired(device_id: str) -> DesiredOut:
 
 
 @table.route(
-    "PUT", "/devices/<device_id>/desired",
+    "PUT",
+    "/devices/<device_id>/desired",
     summary="Change settings and/or schedule; a new version is published to the unit",
-    access=Role.ADMIN, body=DesiredIn, response=DesiredOut, status=202, errors=(400, 404, 415),
+    access=Role.ADMIN,
+    body=DesiredIn,
+    response=DesiredOut,
+    status=202,
+    errors=(400, 404, 415),
 )
 def put_desired(device_id: str, body: DesiredIn) -> DesiredOut:
     _require_device(device_id)
@@ -217,8 +253,13 @@ def put_desired(device_id: str, body: DesiredIn) -> DesiredOut:
 
 
 @table.route(
-    "POST", "/devices/<device_id>/commands", summary="Send a command to one unit",
-    access=Role.TECHNICIAN, body=CommandIn, response=CommandOut, status=202,
+    "POST",
+    "/devices/<device_id>/commands",
+    summary="Send a command to one unit",
+    access=Role.TECHNICIAN,
+    body=CommandIn,
+    response=CommandOut,
+    status=202,
     errors=(400, 404, 415),
 )
 def command_device(device_id: str, body: CommandIn) -> CommandOut:
@@ -234,8 +275,13 @@ def command_device(device_id: str, body: CommandIn) -> CommandOut:
 
 
 @table.route(
-    "POST", "/schools/<school>/commands", summary="Send a command to every unit of a school",
-    access=Role.TECHNICIAN, body=CommandIn, response=CommandBatchOut, status=202,
+    "POST",
+    "/schools/<school>/commands",
+    summary="Send a command to every unit of a school",
+    access=Role.TECHNICIAN,
+    body=CommandIn,
+    response=CommandBatchOut,
+    status=202,
     errors=(400, 404, 415),
 )
 def command_school(school: str, body: CommandIn) -> CommandBatchOut:
@@ -255,8 +301,12 @@ def command_school(school: str, body: CommandIn) -> CommandBatchOut:
 
 
 @table.route(
-    "GET", "/commands", summary="Commands, newest first", access=Role.VIEWER,
-    query=CommandQuery, response=CommandPageOut,
+    "GET",
+    "/commands",
+    summary="Commands, newest first",
+    access=Role.VIEWER,
+    query=CommandQuery,
+    response=CommandPageOut,
 )
 def list_commands(query: CommandQuery) -> CommandPageOut:
     page = services().commands.list(
@@ -271,8 +321,12 @@ def list_commands(query: CommandQuery) -> CommandPageOut:
 
 
 @table.route(
-    "GET", "/commands/<command_id>", summary="One command and how it ended",
-    access=Role.VIEWER, response=CommandOut, errors=(404,),
+    "GET",
+    "/commands/<command_id>",
+    summary="One command and how it ended",
+    access=Role.VIEWER,
+    response=CommandOut,
+    errors=(404,),
 )
 def get_command(command_id: str) -> CommandOut:
     found = services().commands.get(command_id)
@@ -285,8 +339,12 @@ def get_command(command_id: str) -> CommandOut:
 
 
 @table.route(
-    "GET", "/recordings", summary="Recordings, newest first", access=Role.VIEWER,
-    query=RecordingQuery, response=RecordingPageOut,
+    "GET",
+    "/recordings",
+    summary="Recordings, newest first",
+    access=Role.VIEWER,
+    query=RecordingQuery,
+    response=RecordingPageOut,
 )
 def list_recordings(query: RecordingQuery) -> RecordingPageOut:
     page = services().catalogue.list(
@@ -305,9 +363,12 @@ def list_recordings(query: RecordingQuery) -> RecordingPageOut:
 
 
 @table.route(
-    "GET", "/recordings/<recording_id>",
+    "GET",
+    "/recordings/<recording_id>",
     summary="One recording with its segments (key, size, sha256, download URL)",
-    access=Role.VIEWER, response=RecordingDetailOut, errors=(404,),
+    access=Role.VIEWER,
+    response=RecordingDetailOut,
+    errors=(404,),
 )
 def get_recording(recording_id: str) -> RecordingDetailOut:
     found = services().catalogue.get(recording_id)
@@ -317,8 +378,12 @@ def get_recording(recording_id: str) -> RecordingDetailOut:
 
 
 @table.route(
-    "GET", "/alerts", summary="Alerts, open ones by default", access=Role.VIEWER,
-    query=AlertQuery, response=AlertPageOut,
+    "GET",
+    "/alerts",
+    summary="Alerts, open ones by default",
+    access=Role.VIEWER,
+    query=AlertQuery,
+    response=AlertPageOut,
 )
 def list_alerts(query: AlertQuery) -> AlertPageOut:
     page = services().alerts.list(
@@ -338,8 +403,11 @@ def list_alerts(query: AlertQuery) -> AlertPageOut:
 
 
 @table.route(
-    "GET", "/schools", summary="Schools with their unit and online counts",
-    access=Role.VIEWER, response=SchoolsOut,
+    "GET",
+    "/schools",
+    summary="Schools with their unit and online counts",
+    access=Role.VIEWER,
+    response=SchoolsOut,
 )
 def list_schools() -> SchoolsOut:
     return SchoolsOut(
@@ -353,16 +421,20 @@ def list_schools() -> SchoolsOut:
 # --- users and tokens ---------------------------------------------------------------------------
 
 
-@table.route(
-    "GET", "/users", summary="Dashboard users", access=Role.ADMIN, response=UsersOut
-)
+@table.route("GET", "/users", summary="Dashboard users", access=Role.ADMIN, response=UsersOut)
 def list_users() -> UsersOut:
     return UsersOut(items=[UserOut.model_validate(u) for u in auth.list_users(services().db)])
 
 
 @table.route(
-    "POST", "/users", summary="Add a dashboard user", access=Role.ADMIN, body=UserIn,
-    response=UserOut, status=201, errors=(400, 409, 415),
+    "POST",
+    "/users",
+    summary="Add a dashboard user",
+    access=Role.ADMIN,
+    body=UserIn,
+    response=UserOut,
+    status=201,
+    errors=(400, 409, 415),
 )
 def add_user(body: UserIn) -> UserOut:
     try:
@@ -375,8 +447,12 @@ def add_user(body: UserIn) -> UserOut:
 
 
 @table.route(
-    "DELETE", "/users/<username>", summary="Remove a dashboard user", access=Role.ADMIN,
-    response=OkOut, errors=(404, 409),
+    "DELETE",
+    "/users/<username>",
+    summary="Remove a dashboard user",
+    access=Role.ADMIN,
+    response=OkOut,
+    errors=(404, 409),
 )
 def delete_user(username: str) -> OkOut:
     if username == _principal_name():
@@ -389,7 +465,10 @@ def delete_user(username: str) -> OkOut:
 
 
 @table.route(
-    "GET", "/tokens", summary="API tokens (never their secrets)", access=Role.ADMIN,
+    "GET",
+    "/tokens",
+    summary="API tokens (never their secrets)",
+    access=Role.ADMIN,
     response=TokensOut,
 )
 def list_tokens() -> TokensOut:
@@ -397,8 +476,14 @@ def list_tokens() -> TokensOut:
 
 
 @table.route(
-    "POST", "/tokens", summary="Create an API token; its secret is shown only in this answer",
-    access=Role.ADMIN, body=TokenIn, response=TokenCreatedOut, status=201, errors=(400, 415),
+    "POST",
+    "/tokens",
+    summary="Create an API token; its secret is shown only in this answer",
+    access=Role.ADMIN,
+    body=TokenIn,
+    response=TokenCreatedOut,
+    status=201,
+    errors=(400, 415),
 )
 def add_token(body: TokenIn) -> TokenCreatedOut:
     try:
@@ -411,8 +496,12 @@ def add_token(body: TokenIn) -> TokenCreatedOut:
 
 
 @table.route(
-    "DELETE", "/tokens/<token_id>", summary="Revoke an API token", access=Role.ADMIN,
-    response=OkOut, errors=(404,),
+    "DELETE",
+    "/tokens/<token_id>",
+    summary="Revoke an API token",
+    access=Role.ADMIN,
+    response=OkOut,
+    errors=(404,),
 )
 def revoke_token(token_id: str) -> OkOut:
     try:

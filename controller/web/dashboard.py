@@ -84,7 +84,7 @@ def _query_without(**drop: Any) -> dict[str, str]:
     return {k: v for k, v in request.args.items() if k not in drop and v != ""}
 
 
-# --- login -----------------------------------------------------------------------------------
+# --- login ---------------------------------------------------------------------------------------
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -278,7 +278,7 @@ def alerts() -> ResponseReturnValue:
     )
 
 
-# --- users and tokens ------------------------------------------------------------------------------
+# --- users and tokens ----------------------------------------------------------------------------
 
 
 def _admin_page(new_token: str | None = None, status: int = 200) -> ResponseReturnValue:
@@ -364,7 +364,7 @@ def admin_revoke_token(token_id: str) -> ResponseReturnValue:
     return redirect(url_for("dashboard.admin"))
 
 
-# --- formatting for templates ----------------------------------------------------------------------
+# --- formatting for templates --------------------------------------------------------------------
 
 
 def ago(value: datetime | None, now: datetime) -> str:
@@ -381,7 +381,7 @@ def ago(value: datetime | None, now: datetime) -> str:
 
 def human_bytes(value: float | None) -> str:
     if value is None:
-        return "–"
+        return "-"
     size = float(value)
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(size) < 1024 or unit == "TB":
@@ -392,7 +392,7 @@ def human_bytes(value: float | None) -> str:
 
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
-        return "–"
+        return "-"
     total = int(seconds)
     days, rest = divmod(total, 86400)
     hours, rest = divmod(rest, 3600)
@@ -421,9 +421,7 @@ def snapshot_url(device_id: str, taken_at: datetime | None) -> str | None:
     if taken_at is None:
         return None
     # The version parameter changes with each new picture, so browsers cache each one once.
-    return url_for(
-        "api.device_snapshot", device_id=device_id, v=int(taken_at.timestamp() * 1000)
-    )
+    return url_for("api.device_snapshot", device_id=device_id, v=int(taken_at.timestamp() * 1000))
 
 
 @bp.app_context_processor

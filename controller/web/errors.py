@@ -6,8 +6,10 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +54,10 @@ def install(app: Flask) -> None:
         return _page(exc.status, exc.error, exc.detail)
 
     @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> Response:
+    def _http_error(exc: HTTPException) -> ResponseReturnValue:
         status = exc.code or 500
         error = (exc.name or "error").lower()
+        response: WerkzeugResponse
         if wants_json():
             response = json_error(status, error, exc.description)
         elif status == 401 and request.method == "GET":

@@ -205,7 +205,10 @@ def build_document(
         else:
             body_schema = {"type": "string", "contentMediaType": r.media_type}
         responses: dict[str, Any] = {
-            str(r.status): {"description": "success", "content": {r.media_type: {"schema": body_schema}}}
+            str(r.status): {
+                "description": "success",
+                "content": {r.media_type: {"schema": body_schema}},
+            }
         }
         for code in r.errors:
             responses[str(code)] = {

@@ -120,6 +120,8 @@ class DeviceOut(_Out):
     drift: bool
     open_alerts: list[str]
     snapshot_at: datetime | None
+    reported_error: str | None = None
+    capabilities: list[str] | None = None
 
 
 class AlertOut(_Out):
@@ -187,7 +189,7 @@ class RecordingOut(_Out):
     device_id: str
     school: str
     room: str
-    trigger: str
+    trigger: str | None
     window_id: str | None
     started_at: datetime
     ended_at: datetime | None

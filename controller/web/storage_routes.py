@@ -11,13 +11,14 @@ import logging
 import mimetypes
 import re
 from collections.abc import Iterator, Mapping
+from typing import BinaryIO, cast
 from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, request, send_file
-from werkzeug.datastructures import EnvironHeaders
+from werkzeug.datastructures import Headers
 
-from controller.storage.local import LocalStorage
 from controller.storage.base import StorageAccessError, StorageError
+from controller.storage.local import LocalStorage
 from controller.web.auth import PUBLIC, csrf_exempt, requires
 from controller.web.services import services
 
@@ -40,7 +41,7 @@ bp = Blueprint("storage", __name__, url_prefix="/storage/objects")
 class _Headers(Mapping[str, str]):
     """The request's headers as a Mapping that, like HTTP, ignores the case of names."""
 
-    def __init__(self, headers: EnvironHeaders) -> None:
+    def __init__(self, headers: Headers) -> None:
         self._headers = headers
 
     def __getitem__(self, name: str) -> str:
@@ -81,12 +82,10 @@ def s3_error(status: int, reason: str) -> Response:
 def put_object(key: str) -> Response:
     # request.stream hands the body over as it arrives; the store hashes it on the way to disk.
     status, reason = _local().receive_upload(
-        key, request.args.to_dict(), _Headers(request.headers), request.stream
+        key, request.args.to_dict(), _Headers(request.headers), cast(BinaryIO, request.stream)
     )
-    if 200 <= status < 300:
-        return Response(status=status)
-    log.warning("upload refused key=%s status=%d reason=%s", key, status, reason)
-    return s3_error(status, reason)
+    # LocalStorage has logged the outcome.
+    return Response(status=status) if 200 <= status < 300 else s3_error(status, reason)
 
 
 @bp.get("/<path:key>")
@@ -102,4 +101,6 @@ def get_object(key: str) -> Response:
         log.error("download failed key=%s error=%s", key, exc)
         return s3_error(500, f"InternalError: {exc}")
     mimetype = mimetypes.guess_type(key)[0] or "application/octet-stream"
-    return send_file(path, mimetype=mimetype, conditional=True, download_name=key.rsplit("/", 1)[-1])
+    return send_file(
+        path, mimetype=mimetype, conditional=True, download_name=key.rsplit("/", 1)[-1]
+    )
