@@ -5,7 +5,7 @@ Every ``classcap`` invocation loads this module (units included, which lack the
 controller's extra dependencies), so only the handlers import the controller itself.
 """
 
-# ruff: noqa: PLC0415  (the lazy imports above are the point)
+
 
 from __future__ import annotations
 

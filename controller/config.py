@@ -221,7 +221,7 @@ class StorageConfig(_Section):
 
     def s3_settings(self) -> S3Settings:
         """Raises OSError when ``secret_key_file`` cannot be read."""
-        from controller.storage.s3 import S3Settings  # noqa: PLC0415  (boto3: controller only)
+        from controller.storage.s3 import S3Settings
 
         if self.bucket is None:
             raise ValueError("storage.bucket is not set")

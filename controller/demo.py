@@ -1,27 +1,41 @@
-"""``make demo``: a broker and three simulated units on this machine, until Ctrl-C."""
+"""``make demo``: the fleet controller and three simulated units on this machine, until Ctrl-C.
+
+The controller runs as in production (embedded Mosquitto, MQTT service, dashboard
+and API under waitress, SQLite, local-directory storage); the units are enrolled
+through the same code as ``classcap controller device add`` and run as real
+``classcap agent run`` processes with a synthetic camera and mock GPIO pins.
+Everything lives in ``var/demo`` (``CLASSCAP_DEMO_DIR``), made afresh at each start.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import FrameType
 
-from controller.broker import (
-    CONTROLLER_USER,
-    BrokerSettings,
-    MosquittoSupervisor,
-    set_password,
-)
+from controller.config import ControllerConfig, load_controller_config
+from controller.provision import TomlValue, add_unit, toml_text
+from controller.service import ControllerService
+from controller.web.auth import Role, create_token, create_user
 
 log = logging.getLogger("classcap.demo")
 
-UNITS = ("demo-room-101", "demo-room-102", "demo-room-103")
+UNITS = (
+    ("demo-room-101", "Demo Primary", "Room 101"),
+    ("demo-room-102", "Demo Primary", "Room 102"),
+    ("demo-room-103", "Demo Secondary", "Lab 3"),
+)
+ADMIN = "admin"
+MARKER = ".classcap-demo"
+_AGENT_STOP_S = 30
 
 
 def _free_port() -> int:
@@ -30,39 +44,70 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _unit_config(device_id: str, unit_dir: Path, broker_url: str, password_file: Path) -> str:
-    return f"""device_id = "{device_id}"
-data_dir = "{unit_dir}"
+def _fresh(root: Path) -> None:
+    """Empties the demo directory; refuses one that an earlier demo did not make."""
+    if root.exists() and any(root.iterdir()):
+        if not (root / MARKER).exists():
+            raise SystemExit(
+                f"{root} exists and was not made by the demo; remove it or set CLASSCAP_DEMO_DIR"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
 
-[broker]
-url = "{broker_url}"
-username = "{device_id}"
-password_file = "{password_file}"
-will_delay_s = 5
 
-[capture]
-backend = "synthetic"
-width = 320
-height = 240
-framerate = 10
-bitrate_kbps = 300
+def _controller_config(root: Path) -> ControllerConfig:
+    document: dict[str, TomlValue] = {
+        "data_dir": root / "controller",
+        "server": {"host": "127.0.0.1", "port": _free_port()},
+        "broker": {"embedded": {"host": "127.0.0.1", "port": _free_port()}},
+        "alerts": {"offline_after_s": 60, "sweep_interval_s": 5},
+    }
+    path = root / "controller.toml"
+    path.write_text(toml_text(document))
+    return load_controller_config(path)
 
-[gpio]
-mock = true
 
-[spool]
-min_free_mb = 256
+def _unit_settings(unit_dir: Path) -> dict[str, TomlValue]:
+    return {
+        "data_dir": unit_dir / "data",
+        "broker": {"will_delay_s": 5},
+        "capture": {
+            "backend": "synthetic",
+            "width": 320,
+            "height": 240,
+            "framerate": 10,
+            "bitrate_kbps": 300,
+            "segment_seconds": 20,
+        },
+        "gpio": {"mock": True},
+        "spool": {"min_free_mb": 256},
+        "upload": {"spread_s": 10},
+        "health": {"interval_s": 10},
+        "system": {"reboot_command": [], "control_socket": unit_dir / "agent.sock"},
+    }
 
-[upload]
-spread_s = 10
 
-[health]
-interval_s = 10
+def _start_agent(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "agent", "run", "--config", str(config_path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
 
-[system]
-reboot_command = []
-control_socket = "{unit_dir / "agent.sock"}"
-"""
+
+def _stop_agents(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(_AGENT_STOP_S)
+        except subprocess.TimeoutExpired:
+            log.error("unit did not stop, killing pid=%d", proc.pid)
+            proc.kill()
+            proc.wait(_AGENT_STOP_S)
 
 
 def main() -> int:
@@ -70,53 +115,53 @@ def main() -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     root = Path(os.environ.get("CLASSCAP_DEMO_DIR", "var/demo")).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    broker = MosquittoSupervisor(BrokerSettings(directory=root / "broker", port=_free_port()))
-    broker.write_config()
-    passwords = root / "broker" / "passwords"
-    controller_secret = secrets.token_urlsafe(16)
-    set_password(passwords, CONTROLLER_USER, controller_secret)
-    controller_password = root / "broker" / "controller-password"
-    controller_password.write_text(controller_secret + "\n")
-    controller_password.chmod(0o600)
-
-    procs: list[subprocess.Popen[bytes]] = []
+    _fresh(root)
+    config = _controller_config(root)
+    service = ControllerService(config)
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    broker.start()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received, stopping the demo", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        for device_id in UNITS:
-            unit_dir = root / device_id
-            unit_dir.mkdir(exist_ok=True)
-            secret = secrets.token_urlsafe(16)
-            set_password(passwords, device_id, secret)
-            (unit_dir / "broker-password").write_text(secret + "\n")
-            config = unit_dir / "agent.toml"
-            config.write_text(
-                _unit_config(device_id, unit_dir, broker.url, unit_dir / "broker-password")
+        service.start()
+        services = service.services
+        admin_password = secrets.token_urlsafe(12)
+        create_user(services.db, ADMIN, admin_password, Role.ADMIN)
+        token = create_token(services.db, "demo", Role.ADMIN)
+        units_dir = root / "units"
+        for device_id, school, room in UNITS:
+            unit_dir = units_dir / device_id
+            bundle = add_unit(
+                config,
+                services.registry,
+                device_id,
+                school=school,
+                room=room,
+                out_dir=units_dir,
+                reload_broker=service.reload_broker,
+                unit_config_dir=unit_dir,
+                agent_settings=_unit_settings(unit_dir),
             )
-            log_file = (unit_dir / "agent.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "shared.cli", "agent", "run", "--config", str(config)],
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-            log_file.close()
-        broker.reload()
+            procs.append(_start_agent(bundle.agent_config, unit_dir / "agent.log"))
         classcap = Path(sys.executable).with_name("classcap")
         lines = [
             "",
-            f"classcap demo running: broker {broker.url}, units {', '.join(UNITS)}",
-            f"  watch:   mosquitto_sub -h 127.0.0.1 -p {broker.settings.port} -V mqttv5 "
-            f"-u {CONTROLLER_USER} -P \"$(cat {controller_password})\" -v -t 'classcap/v1/#'",
+            "classcap demo running",
+            f"  dashboard:  {service.base_url}/",
+            f"  log in as:  {ADMIN} / {admin_password}",
+            f"  API token:  {token}",
+            f'    e.g. curl -H "Authorization: Bearer {token}" {service.base_url}/api/v1/devices',
+            f"  broker:     {config.broker.connect_url} (embedded)",
+            f"  storage:    {config.storage.local_dir}",
         ]
-        for device_id in UNITS:
-            config = root / device_id / "agent.toml"
-            lines.append(f"  {device_id}: {classcap} agent press short --config {config}")
-            lines.append(f"  {' ' * len(device_id)}  {classcap} agent status --config {config}")
+        for device_id, _school, _room in UNITS:
+            agent_config = units_dir / device_id / "agent.toml"
+            lines.append(f"  {device_id}: {classcap} agent press short --config {agent_config}")
         lines.append("Ctrl-C stops everything.")
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
@@ -126,16 +171,8 @@ def main() -> int:
                     log.error("a unit exited with %s; see its agent.log", proc.returncode)
                     stop.set()
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        broker.stop()
+        _stop_agents(procs)
+        service.stop()
     return 0
 
 

@@ -20,14 +20,12 @@ import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TypeAlias
 
 from controller.broker import CONTROLLER_USER, BrokerError, set_password
 from controller.config import ControllerConfig
+from controller.registry import Registry, UnknownDevice
 from shared.topics import validate_device_id
-
-if TYPE_CHECKING:
-    from controller.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +133,11 @@ def remove_unit(
     *,
     reload_broker: Callable[[], None] | None = None,
 ) -> None:
-    """Removes the unit from the registry and its user from the embedded broker.
-    Its recordings stay in the catalogue and in storage."""
+    """Removes the unit's user from the embedded broker and the unit from the registry.
+    Its recordings stay in the catalogue and in storage. Raises UnknownDevice."""
     _check_id(device_id)
+    if not registry.known(device_id):
+        raise UnknownDevice(device_id)
     if config.broker.mode == "embedded":
         with password_lock(config):
             _delete_broker_user(config.broker_password_file, device_id)
@@ -240,7 +240,11 @@ def _delete_broker_user(password_file: Path, username: str) -> None:
     tool = shutil.which("mosquitto_passwd")
     if tool is None:
         raise ProvisionError("mosquitto_passwd not found: install the mosquitto package")
-    if not password_file.exists():
+    try:
+        users = {line.split(":", 1)[0] for line in password_file.read_text().splitlines()}
+    except FileNotFoundError:
+        return
+    if username not in users:
         return
     result = subprocess.run(
         [tool, "-D", str(password_file), username],

@@ -49,6 +49,7 @@ class RecordButton:
         long_press_s: float,
         double_press_s: float,
         on_press: Callable[[PressKind], object],
+        *,
         pin_factory: Factory | None = None,
         double_press_enabled: Callable[[], bool] = lambda: True,
     ) -> None:

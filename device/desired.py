@@ -34,7 +34,7 @@ class DesiredStateStore:
         return self._current
 
     def apply(self, desired: DesiredState) -> ApplyResult:
-        """Keep ``desired`` if it is newer than what runs; an older or equal version changes nothing."""
+        """Keeps ``desired`` if it is newer than what runs; otherwise changes nothing."""
         running = self._current.version if self._current else 0
         if desired.version <= running:
             return ApplyResult(False, f"version {desired.version} is not newer than {running}")

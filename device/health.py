@@ -269,7 +269,7 @@ class _MicMeter:
 
     def _read(self) -> float | None:
         try:
-            import pyaudio  # noqa: PLC0415  (optional: only on units with PortAudio)
+            import pyaudio  # optional: only on units with PortAudio
         except ImportError:
             return None
         audio = pyaudio.PyAudio()

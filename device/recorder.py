@@ -56,6 +56,7 @@ class Recorder:
         backend: CaptureBackend,
         journal: Journal,
         spool: Spool,
+        *,
         publish_event: Callable[[Event], None],
         publish_manifest: Callable[[RecordingManifest], None],
         on_state: Callable[[RecorderState], None],

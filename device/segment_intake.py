@@ -34,6 +34,7 @@ class SegmentIntake:
         self,
         journal: Journal,
         spool: Spool,
+        *,
         current_run: Callable[[], CaptureRun | None],
         on_new_segment: Callable[[], None],
         publish_event: Callable[[Event], None],

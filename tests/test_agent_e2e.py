@@ -49,6 +49,12 @@ def _start_agent(
     return agent
 
 
+def _press_to_record(agent: AgentProcess) -> str:
+    agent.press("short")
+    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
+    return str(agent.status()["recording_id"])
+
+
 def _stored_segments(server: SeaweedServer, storage: S3Storage, device_id: str) -> list[str]:
     return [k for k in list_keys(server, storage.bucket) if f"/{device_id}/" in k and "/seg-" in k]
 
@@ -128,9 +134,7 @@ def test_kill9_mid_segment_recovers_partial_segment_and_uploads_it(
     agents: list[AgentProcess],
 ) -> None:
     agent = _start_agent(agents, tmp_path, broker, "unit-crash", segment_seconds=10)
-    agent.press("short")
-    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
-    recording_id = str(agent.status()["recording_id"])
+    recording_id = _press_to_record(agent)
     time.sleep(16)  # one whole segment, then 6 s into the second
     agent.kill9()
     rec_dir = agent.data_dir / "spool" / recording_id
@@ -171,9 +175,7 @@ def test_broker_down_two_minutes_recording_continues_and_everything_uploads_once
     agents: list[AgentProcess],
 ) -> None:
     agent = _start_agent(agents, tmp_path, broker, "unit-offline", segment_seconds=20)
-    agent.press("short")
-    assert wait_for(lambda: agent.status()["state"] == "recording", 10)
-    recording_id = str(agent.status()["recording_id"])
+    recording_id = _press_to_record(agent)
     time.sleep(5)
     broker.stop()
     time.sleep(120)

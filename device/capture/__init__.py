@@ -16,7 +16,7 @@ def create_backend(config: CaptureConfig, on_failure: Callable[[str], None]) -> 
     if config.backend == "picamera2":
         # Imported here so that a machine without picamera2 can run everything else.
         try:
-            from device.capture.picamera2_backend import Picamera2Backend  # noqa: PLC0415
+            from device.capture.picamera2_backend import Picamera2Backend
         except (ImportError, OSError) as exc:
             raise CaptureError(
                 f"the picamera2 backend needs picamera2 (python3-picamera2): {exc}"

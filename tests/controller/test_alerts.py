@@ -107,9 +107,7 @@ def test_a_repeated_condition_keeps_one_open_alert_with_the_latest_message(
     assert page.items[0].raised_at == clock() - timedelta(seconds=30)
 
 
-def test_temperature_clears_only_below_its_hysteresis(
-    registry: Registry, clock: FakeClock
-) -> None:
+def test_temperature_clears_only_below_its_hysteresis(registry: Registry, clock: FakeClock) -> None:
     registry.on_health("room-204", health(clock, soc_temp_c=81.0))
     registry.on_health("room-204", health(clock, soc_temp_c=78.5))
     assert open_kinds(registry) == ["temperature"]

@@ -116,7 +116,9 @@ def test_lifecycle_sent_accepted_done(commands: CommandService, clock: FakeClock
     assert commands.latency_seconds() == [3.0]
 
 
-def test_results_are_idempotent_and_never_regress(commands: CommandService, clock: FakeClock) -> None:
+def test_results_are_idempotent_and_never_regress(
+    commands: CommandService, clock: FakeClock
+) -> None:
     command_id = start(commands)
     commands.on_result("room-204", result(command_id, CommandStatus.DONE))
     finished = commands.get(command_id)
@@ -171,7 +173,9 @@ def test_open_commands_expire_and_are_never_offered_again(
     assert commands.get(queued).finished_at == clock()  # type: ignore[union-attr]
 
 
-def test_an_answer_after_expiry_is_still_recorded(commands: CommandService, clock: FakeClock) -> None:
+def test_an_answer_after_expiry_is_still_recorded(
+    commands: CommandService, clock: FakeClock
+) -> None:
     command_id = start(commands, expires_in_s=10)
     commands.mark_sent(command_id)
     clock.advance(10)

@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import subprocess
+import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from shared.clock import utcnow
-from shared.messages import CommandResult, CommandStatus, RecorderState, Snapshot, Status
+from shared.messages import (
+    CommandResult,
+    CommandStatus,
+    EndReason,
+    RecorderState,
+    RecordingManifest,
+    RecordingStatus,
+    SegmentAnnouncement,
+    Snapshot,
+    Status,
+    Trigger,
+    UploadGrant,
+    UploadResult,
+)
 from tests.support.web import PASSWORD, LiveServer, WebStack, enrol, unit_health
 
 pytest_plugins = ["tests.support.web"]
@@ -72,7 +88,8 @@ def _page(browser: Browser, stack: WebStack, username: str, **context: object) -
 
 
 def _unit_rows(page: Page) -> list[str]:
-    return page.locator("tr.unit").evaluate_all("rows => rows.map(r => r.dataset.unit)")
+    units = page.locator("tr.unit").evaluate_all("rows => rows.map(r => r.dataset.unit)")
+    return [str(unit) for unit in units]
 
 
 def test_login_shows_units_grouped_by_school_then_filter_and_search(
@@ -129,7 +146,18 @@ def test_unit_page_start_recording_and_snapshot(
 
     jpeg = tmp_path / "snapshot.jpg"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=320x240", "-frames:v", "1", str(jpeg)],
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-f",
+            "lavfi",
+            "-i",
+            "testsrc2=size=320x240",
+            "-frames:v",
+            "1",
+            str(jpeg),
+        ],
         check=True,
         timeout=60,
     )
@@ -194,3 +222,78 @@ def test_fleet_fits_a_tablet(browser: Browser, site: WebStack) -> None:
     overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
     assert overflow <= 0
     expect(page.get_by_role("button", name="Start recording")).to_be_visible()
+
+
+def _stored_recording(stack: WebStack, data: bytes) -> str:
+    """A recording of one segment PUT to the live server's store and verified; returns its key."""
+    now = utcnow()
+    stack.catalogue.on_manifest(
+        "north-101",
+        RecordingManifest(
+            recording_id="rec-lesson-1",
+            device_id="north-101",
+            trigger=Trigger.BUTTON,
+            started_at=now,
+            ended_at=now + timedelta(seconds=10),
+            status=RecordingStatus.COMPLETE,
+            end_reason=EndReason.BUTTON,
+            segments=1,
+            video="h264",
+        ),
+    )
+    grant = stack.catalogue.on_announcement(
+        "north-101",
+        SegmentAnnouncement(
+            recording_id="rec-lesson-1",
+            sequence=0,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            started_at=now,
+            ended_at=now + timedelta(seconds=10),
+        ),
+    )
+    assert isinstance(grant, UploadGrant)
+    request = urllib.request.Request(grant.url, data=data, method="PUT", headers=grant.headers)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    confirmation = stack.catalogue.on_upload_result(
+        "north-101",
+        UploadResult(recording_id="rec-lesson-1", sequence=0, key=grant.key, ok=True),
+    )
+    assert confirmation.verified
+    return grant.key
+
+
+def test_recordings_page_links_every_segment(browser: Browser, site: WebStack) -> None:
+    data = b"fragmented mp4 bytes " * 4096
+    _stored_recording(site, data)
+    page = _page(browser, site, "watcher")
+    page.get_by_role("link", name="Recordings").click()
+    expect(page.locator("table tbody tr")).to_have_count(1)
+    expect(page.locator("table tbody tr")).to_contain_text("complete")
+    expect(page.locator("table tbody tr")).to_contain_text("1 / 1")
+    page.locator("table tbody tr a").first.click()
+    expect(page.get_by_role("heading", name="rec-lesson-1")).to_be_visible()
+    link = page.locator("#segments").get_by_role("link", name="seg-00000.mp4")
+    expect(link).to_be_visible()
+    href = link.get_attribute("href")
+    assert href is not None and href.startswith(site.base_url + "/storage/objects/")
+    download = page.request.get(href)
+    assert download.status == 200 and download.body() == data
+
+
+def test_admin_creates_a_token_shown_once(browser: Browser, site: WebStack) -> None:
+    site.user("root", "admin")  # type: ignore[arg-type]
+    page = _page(browser, site, "root")
+    page.get_by_role("link", name="Users & tokens").click()
+    form = page.locator("form", has_text="Create a token")
+    form.get_by_label("Name").fill("district-sis")
+    form.get_by_label("Role").select_option("viewer")
+    page.get_by_role("button", name="Create token").click()
+    token = page.locator("#new-token").inner_text().strip()
+    assert token.startswith("cct_")
+    answer = page.request.get("/api/v1/schools", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status == 200 and answer.json()["items"][0]["school"] == "North High"
+    page.get_by_role("link", name="Users & tokens").click()
+    expect(page.locator("#new-token")).to_have_count(0)
+    expect(page.locator("table").last).to_contain_text("district-sis")

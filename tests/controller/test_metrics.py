@@ -56,7 +56,9 @@ def test_metrics_need_no_login_and_count_the_fleet(web_stack: WebStack) -> None:
     enrol(web_stack, "north-101", "North High", "101")
     enrol(web_stack, "north-102", "North High", "102")
     enrol(web_stack, "south-201", "South Middle", "201", online=False)
-    web_stack.registry.on_health("north-102", unit_health(RecorderState.RECORDING, camera_present=False))
+    web_stack.registry.on_health(
+        "north-102", unit_health(RecorderState.RECORDING, camera_present=False)
+    )
     web_stack.registry.on_health("north-101", unit_health(camera_present=False, clock_synced=False))
 
     answer = web_stack.client().get("/metrics")
@@ -115,9 +117,7 @@ def test_segments_and_command_latency(web_stack: WebStack) -> None:
                 ended_at=now + timedelta(seconds=10),
             ),
         )
-    (command,) = web_stack.commands.create(
-        ["north-101"], CommandAction.SNAPSHOT, created_by="test"
-    )
+    (command,) = web_stack.commands.create(["north-101"], CommandAction.SNAPSHOT, created_by="test")
     web_stack.commands.mark_sent(command.id)
     web_stack.commands.on_result(
         "north-101", CommandResult(command_id=command.id, status=CommandStatus.DONE)
@@ -127,9 +127,10 @@ def test_segments_and_command_latency(web_stack: WebStack) -> None:
     assert metrics["classcap_segments_pending"] == 2
     assert metrics["classcap_command_latency_seconds_count"] == 1
     assert metrics['classcap_command_latency_seconds{quantile="0.99"}'] >= 0
-    assert metrics["classcap_command_latency_seconds_sum"] == metrics[
-        'classcap_command_latency_seconds{quantile="0.5"}'
-    ]
+    assert (
+        metrics["classcap_command_latency_seconds_sum"]
+        == metrics['classcap_command_latency_seconds{quantile="0.5"}']
+    )
 
 
 def test_mqtt_counters_come_from_the_service(web_stack: WebStack) -> None:

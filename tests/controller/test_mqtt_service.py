@@ -3,10 +3,10 @@ SeaweedFS as storage; a test client plays the unit on the wire."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import itertools
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,10 +28,10 @@ from device.http_put import put_file
 from shared.clock import utcnow
 from shared.codec import decode
 from shared.messages import (
+    Command,
     CommandAction,
     CommandResult,
     CommandStatus,
-    Command,
     DesiredSettings,
     DesiredState,
     Event,
@@ -110,13 +110,14 @@ def harness(tmp_path: Path, broker: MosquittoBroker, s3_storage: S3Storage) -> I
 
 
 @pytest.fixture
-def unit(
-    broker: MosquittoBroker, mqtt_client: Callable[..., MqttTestClient]
-) -> MqttTestClient:
+def unit(broker: MosquittoBroker, mqtt_client: Callable[..., MqttTestClient]) -> MqttTestClient:
     """The unit's side of the wire: everything addressed to unit-a."""
     return mqtt_client(
         broker,
-        *(topic(UNIT, c) for c in (Channel.DESIRED, Channel.COMMAND, Channel.GRANT, Channel.STORED)),
+        *(
+            topic(UNIT, c)
+            for c in (Channel.DESIRED, Channel.COMMAND, Channel.GRANT, Channel.STORED)
+        ),
     )
 
 
@@ -198,7 +199,9 @@ def test_bad_messages_are_counted_and_the_service_keeps_working(
     assert not harness.registry.known("unit-z")
 
 
-def _announcement(data: bytes, recording_id: str = "rec-1", sequence: int = 0) -> SegmentAnnouncement:
+def _announcement(
+    data: bytes, recording_id: str = "rec-1", sequence: int = 0
+) -> SegmentAnnouncement:
     now = utcnow()
     return SegmentAnnouncement(
         recording_id=recording_id,
@@ -266,7 +269,10 @@ def test_an_upload_that_never_landed_is_refused_so_the_unit_keeps_its_copy(
 
 
 def _command_messages(unit: MqttTestClient) -> list[tuple[Command, int | None]]:
-    return [(decode(Command, m.payload), m.expiry_s) for m in unit.messages(topic(UNIT, Channel.COMMAND))]
+    return [
+        (decode(Command, m.payload), m.expiry_s)
+        for m in unit.messages(topic(UNIT, Channel.COMMAND))
+    ]
 
 
 def test_command_waits_for_its_unit_then_goes_out_with_message_expiry(
@@ -316,7 +322,9 @@ def test_expired_command_is_never_sent_and_is_marked_expired(
         [UNIT], CommandAction.START_RECORDING, created_by="test", expires_in_s=1
     )
     service.send_command(short.id)
-    assert wait_for(lambda: getattr(harness.commands.get(short.id), "status", None) == "expired", 10)
+    assert wait_for(
+        lambda: getattr(harness.commands.get(short.id), "status", None) == "expired", 10
+    )
     _send(unit, Channel.STATUS, Status(online=True, epoch=1))
     assert wait_for(lambda: _online(harness), 10)
     service.send_command(short.id)
@@ -375,8 +383,6 @@ def test_health_events_and_snapshots_reach_the_registry(
     )
     _send(unit, Channel.EVENT, Event(kind=EventKind.BOOKMARK, message="group work starts"))
     jpeg = b"\xff\xd8\xff\xe0" + b"\x00" * 100 + b"\xff\xd9"
-    import base64
-
     _send(
         unit,
         Channel.SNAPSHOT,

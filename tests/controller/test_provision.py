@@ -159,9 +159,7 @@ def test_new_unit_can_connect_to_the_running_broker_without_a_restart(
     assert embedded.running()
 
 
-def test_adding_a_unit_twice_is_refused_and_changes_nothing(
-    state: State, tmp_path: Path
-) -> None:
+def test_adding_a_unit_twice_is_refused_and_changes_nothing(state: State, tmp_path: Path) -> None:
     first = add_unit(
         state.config, state.registry, "room-2", school="S", room="2", out_dir=tmp_path / "u"
     )
@@ -215,7 +213,11 @@ def test_reissue_replaces_the_password_and_remove_revokes_it(
     old = _password(first.password_file)
     assert wait_for(lambda: _connects(state.config, "room-4", old), 15)
     second = reissue_unit(
-        state.config, state.registry, "room-4", out_dir=tmp_path / "v", reload_broker=embedded.reload
+        state.config,
+        state.registry,
+        "room-4",
+        out_dir=tmp_path / "v",
+        reload_broker=embedded.reload,
     )
     new = _password(second.password_file)
     assert new != old

@@ -196,7 +196,8 @@ def test_health_updates_the_units_latest_state(
     registry: Registry, unit: str, clock: FakeClock
 ) -> None:
     registry.on_health(
-        unit, health(clock, state=RecorderState.RECORDING, recording_id="rec-1", agent_version="0.3")
+        unit,
+        health(clock, state=RecorderState.RECORDING, recording_id="rec-1", agent_version="0.3"),
     )
     view = registry.get(unit)
     assert view is not None

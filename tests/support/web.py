@@ -18,7 +18,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from waitress import wasyncore
-from waitress.server import create_server
+from waitress.server import BaseWSGIServer, create_server
 
 from controller.alerts import AlertEngine
 from controller.catalogue import Catalogue
@@ -132,7 +132,9 @@ class LiveServer:
     def __init__(self, app: Flask, port: int) -> None:
         self.port = port
         self._map: dict[int, Any] = {}
-        self._server = create_server(app, map=self._map, host="127.0.0.1", port=port, threads=4)
+        server = create_server(app, map=self._map, host="127.0.0.1", port=port, threads=4)
+        assert isinstance(server, BaseWSGIServer)  # one listening socket
+        self._server = server
         self._thread = threading.Thread(target=self._server.run, name="test-web", daemon=True)
 
     @property
