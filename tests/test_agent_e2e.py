@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import time
 from collections.abc import Iterator
@@ -12,8 +13,15 @@ import pytest
 
 from controller.storage.s3 import S3Storage
 from device.journal import SegmentState
-from shared.messages import CommandAction, CommandStatus, EventKind, RecordingStatus
-from shared.topics import Channel
+from shared.messages import (
+    CommandAction,
+    CommandStatus,
+    DesiredSettings,
+    DesiredState,
+    EventKind,
+    RecordingStatus,
+)
+from shared.topics import Channel, topic
 from tests.support.agent_proc import AgentProcess, make_agent
 from tests.support.media import probe
 from tests.support.processes import wait_for
@@ -291,3 +299,45 @@ def test_bad_messages_are_rejected_counted_and_agent_keeps_working(
     controller.wait_result("unit-bad", start.id, CommandStatus.DONE)
     stop = controller.send_command("unit-bad", CommandAction.STOP_RECORDING)
     controller.wait_result("unit-bad", stop.id, CommandStatus.DONE)
+
+
+def test_snapshot_reboot_and_desired_state_through_the_broker(
+    tmp_path: Path, broker: Any, controller: StandinController, agents: list[AgentProcess]
+) -> None:
+    agent = _start_agent(agents, tmp_path, broker, "unit-cmds", segment_seconds=10)
+    recording_id = _press_to_record(agent)
+
+    snap = controller.send_command("unit-cmds", CommandAction.SNAPSHOT)
+    controller.wait_result("unit-cmds", snap.id, CommandStatus.DONE)
+    assert wait_for(lambda: controller.of("unit-cmds", Channel.SNAPSHOT), 10)
+    picture = controller.of("unit-cmds", Channel.SNAPSHOT)[0]
+    jpeg = base64.b64decode(picture.jpeg_base64)
+    assert jpeg[:2] == b"\xff\xd8" and picture.command_id == snap.id
+    assert agent.status()["recording_id"] == recording_id
+
+    reboot = controller.send_command("unit-cmds", CommandAction.REBOOT)
+    done = controller.wait_result("unit-cmds", reboot.id, CommandStatus.DONE)
+    assert done.reason is not None and "no reboot command" in done.reason
+    assert agent.status()["state"] == "recording"
+
+    desired = DesiredState(version=3, settings=DesiredSettings(health_interval_s=1))
+    controller.publish_raw(topic("unit-cmds", Channel.DESIRED), desired.to_json(), retain=True)
+    assert wait_for(
+        lambda: any(r.desired_version == 3 for r in controller.of("unit-cmds", Channel.REPORTED)),
+        10,
+    )
+    older = DesiredState(version=2)
+    apply = controller.send_command("unit-cmds", CommandAction.APPLY, desired=older)
+    controller.wait_result("unit-cmds", apply.id, CommandStatus.DONE)
+    assert controller.of("unit-cmds", Channel.REPORTED)[-1].desired_version == 3
+
+    # The unit keeps what it applied: with the retained document gone, a restarted
+    # unit still reports version 3.
+    controller.publish_raw(topic("unit-cmds", Channel.DESIRED), b"", retain=True)
+    agent.stop()
+    reported_before = len(controller.of("unit-cmds", Channel.REPORTED))
+    agent.start()
+    assert wait_for(lambda: len(controller.of("unit-cmds", Channel.REPORTED)) > reported_before, 10)
+    assert controller.of("unit-cmds", Channel.REPORTED)[-1].desired_version == 3
+    healths = controller.of("unit-cmds", Channel.HEALTH)
+    assert healths and healths[-1].agent_version and healths[-1].camera_present is True

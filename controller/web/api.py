@@ -99,7 +99,6 @@ def issue_commands(
             log.exception(
                 "command not sent, left queued command=%s device=%s", view.id, view.device_id
             )
-    log.info("commands issued action=%s units=%d by=%s", action.value, len(created), created_by)
     return created
 
 

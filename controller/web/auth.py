@@ -345,9 +345,9 @@ def install(app: Flask, db: Database) -> None:
     @app.before_request
     def _authorise() -> None:
         view = app.view_functions.get(request.endpoint or "")
-        if view is None:
-            return  # routing will answer 404/405
-        access: Access | None = PUBLIC if request.endpoint == "static" else access_of(view)
+        if view is None or request.endpoint == "static":
+            return  # routing answers 404/405; static files are public and need no lookup
+        access = access_of(view)
         principal = _principal_from_request(db)
         g.principal = principal
         if access != PUBLIC:

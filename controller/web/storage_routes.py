@@ -16,6 +16,7 @@ from xml.sax.saxutils import escape
 
 from flask import Blueprint, Response, request, send_file
 from werkzeug.datastructures import Headers
+from werkzeug.exceptions import ClientDisconnected
 
 from controller.storage.base import StorageAccessError, StorageError
 from controller.storage.local import LocalStorage
@@ -81,9 +82,13 @@ def s3_error(status: int, reason: str) -> Response:
 @csrf_exempt
 def put_object(key: str) -> Response:
     # request.stream hands the body over as it arrives; the store hashes it on the way to disk.
-    status, reason = _local().receive_upload(
-        key, request.args.to_dict(), _Headers(request.headers), cast(BinaryIO, request.stream)
-    )
+    try:
+        status, reason = _local().receive_upload(
+            key, request.args.to_dict(), _Headers(request.headers), cast(BinaryIO, request.stream)
+        )
+    except ClientDisconnected:
+        log.warning("upload cut short by the client key=%s", key)
+        return s3_error(400, "IncompleteBody: the connection closed before the whole body came")
     # LocalStorage has logged the outcome.
     return Response(status=status) if 200 <= status < 300 else s3_error(status, reason)
 

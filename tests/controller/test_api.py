@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import http.client
+import io
 import json
 import re
 import subprocess
@@ -679,3 +680,19 @@ def test_command_goes_to_the_unit_over_mqtt_and_its_result_comes_back(
     assert wait_for(finished, 10)
     done = client.get(f"/api/v1/commands/{command['id']}", headers=headers).get_json()
     assert done["recording_id"] == "rec-1" and done["finished_at"] is not None
+
+
+def test_upload_cut_short_leaves_nothing(web_stack: WebStack) -> None:
+    enrol(web_stack, "north-101", "North High", "101")
+    data = b"segment bytes" * 1000
+    grant = _announce(web_stack, data)
+    parts = urlsplit(grant.url)
+    answer = web_stack.client().put(
+        f"{parts.path}?{parts.query}",
+        input_stream=io.BytesIO(data[:100]),
+        headers=grant.headers,
+    )
+    assert answer.status_code == 400
+    assert "<Code>IncompleteBody</Code>" in answer.get_data(as_text=True)
+    stored = [p.name for p in (web_stack.root / "objects").rglob("*.mp4*")]
+    assert stored == []

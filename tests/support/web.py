@@ -147,7 +147,9 @@ class LiveServer:
             raise RuntimeError(f"web server did not listen on {self.port}")
 
     def stop(self) -> None:
-        self._server.trigger.pull_trigger(lambda: wasyncore.close_all(self._map))
+        # The loop thread closes its own sockets (waitress's stubs mistype the trigger as int).
+        trigger: Any = self._server.trigger
+        trigger.pull_trigger(lambda: wasyncore.close_all(self._map))
         self._thread.join(10)
         self._server.task_dispatcher.shutdown(timeout=10)
         assert not self._thread.is_alive(), "web server thread did not stop"
