@@ -692,7 +692,7 @@ def test_upload_cut_short_leaves_nothing(web_stack: WebStack) -> None:
         input_stream=io.BytesIO(data[:100]),
         headers=grant.headers,
     )
-    assert answer.status_code == 400
+    assert answer.status_code == 400, answer.get_data(as_text=True)
     assert "<Code>IncompleteBody</Code>" in answer.get_data(as_text=True)
     stored = [p.name for p in (web_stack.root / "objects").rglob("*.mp4*")]
     assert stored == []

@@ -346,8 +346,7 @@ def test_manifest_json_lies_beside_the_segments_with_each_sha256(
     assert document["trigger"] == "button" and document["video"] == "h264"
     assert document["bookmarks"][0]["source"] == "button"
     assert [
-        (s["sequence"], s["key"], s["size"], s["sha256"], s["stored"])
-        for s in document["segments"]
+        (s["sequence"], s["key"], s["size"], s["sha256"], s["stored"]) for s in document["segments"]
     ] == [
         (n, keys[n], len(body_of(n)), hashlib.sha256(body_of(n)).hexdigest(), True)
         for n in range(2)

@@ -24,7 +24,6 @@ from device.journal import SegmentState
 from shared.clock import utcnow
 from shared.codec import decode
 from shared.messages import (
-    CommandAction,
     RecordingStatus,
     SegmentAnnouncement,
     StoredConfirmation,
@@ -328,7 +327,7 @@ def test_expired_command_never_runs_and_a_command_sent_twice_runs_once(
         assert service.mqtt.metrics()["commands_sent_total"] >= 4
 
 
-# --- grants the store must refuse ------------------------------------------------------------------
+# --- grants the store must refuse -----------------------------------------------------------------
 
 
 def _raw_put(url: str, headers: dict[str, str], body: bytes) -> tuple[int, str]:
@@ -520,7 +519,7 @@ def test_unit_given_grants_the_store_refuses_asks_again_and_deletes_nothing(
         assert service.mqtt.metrics()["segments_refused_total"] >= 1
 
 
-# --- storage down during a lesson ------------------------------------------------------------------
+# --- storage down during a lesson -----------------------------------------------------------------
 
 
 def test_storage_down_during_a_lesson_loses_nothing_and_stores_everything_once(
