@@ -104,7 +104,7 @@ class AlertEngine:
                 AlertKind.DISK_LOW,
                 free_mb < limit_mb,
                 "error" if not health.can_record else "warning",
-                f"free disk {free_mb} MB is below {t.disk_free_min_mb} MB",
+                f"free disk {free_mb} MB (alert below {t.disk_free_min_mb} MB)",
             )
         )
 
@@ -119,7 +119,7 @@ class AlertEngine:
                     AlertKind.TEMPERATURE,
                     health.soc_temp_c > limit_c,
                     "warning",
-                    f"SoC temperature {health.soc_temp_c:.1f} °C is above {t.temp_max_c:g} °C",
+                    f"SoC temperature {health.soc_temp_c:.1f} °C (alert above {t.temp_max_c:g} °C)",
                 )
             )
 
@@ -141,24 +141,21 @@ class AlertEngine:
             )
         )
 
-        recording = health.state is RecorderState.RECORDING
         level = health.mic_level_dbfs
-        mic_active: bool | None
-        if not recording:
-            mic_active = False
+        if health.state is not RecorderState.RECORDING:
+            findings.append(_Finding(AlertKind.MIC_SILENT, False))
         elif level is None:
-            mic_active = None
+            findings.append(_Finding(AlertKind.MIC_SILENT, None))
         else:
-            mic_active = level < t.mic_silent_dbfs
-        findings.append(
-            _Finding(
-                AlertKind.MIC_SILENT,
-                mic_active,
-                "warning",
-                f"microphone silent while recording: {level if level is not None else 0:.1f} dBFS "
-                f"(below {t.mic_silent_dbfs:g} dBFS)",
+            findings.append(
+                _Finding(
+                    AlertKind.MIC_SILENT,
+                    level < t.mic_silent_dbfs,
+                    "warning",
+                    f"microphone silent while recording: {level:.1f} dBFS "
+                    f"(below {t.mic_silent_dbfs:g} dBFS)",
+                )
             )
-        )
 
         findings.append(
             _Finding(

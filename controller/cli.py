@@ -5,8 +5,6 @@ Every ``classcap`` invocation loads this module (units included, which lack the
 controller's extra dependencies), so only the handlers import the controller itself.
 """
 
-
-
 from __future__ import annotations
 
 import argparse

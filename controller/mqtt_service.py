@@ -108,7 +108,9 @@ class MqttService:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._counters: Counter[str] = Counter()
+        # Set once connected and subscribed; cleared when the connection drops.
         self._connected = threading.Event()
+        self._subscribe_mid: int | None = None
         self._known: dict[str, float] = {}
         self._unknown_logged: set[str] = set()
         self._queues: list[queue.Queue[_Work | None]] = [
@@ -123,7 +125,12 @@ class MqttService:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def alive(self) -> bool:
+        """Every worker and the sweepers still run (the connection itself may be down)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def wait_connected(self, timeout: float) -> bool:
+        """Waits until the service is connected and its subscriptions are in place."""
         return self._connected.wait(timeout)
 
     def start(self) -> None:
@@ -163,7 +170,8 @@ class MqttService:
         """Disconnects and joins every thread; messages not yet handled are left to the units,
         which send again whatever was not answered."""
         self._stop.set()
-        self._client.disconnect()
+        if self._client.is_connected():
+            self._client.disconnect()
         self._client.loop_stop()
         for work in self._queues:
             work.put(None)
@@ -271,15 +279,16 @@ class MqttService:
                 "broker refused controller url=%s reason=%s", self._broker.connect_url, reason
             )
             return
-        result, _mid = client.subscribe([(f, 1) for f in self._subscriptions()])
-        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            log.error("subscribe failed error=%s", mqtt.error_string(result))
-        self._connected.set()
         log.info(
             "controller connected url=%s session_present=%s",
             self._broker.connect_url,
             flags.session_present,
         )
+        result, mid = client.subscribe([(f, 1) for f in self._subscriptions()])
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            log.error("subscribe failed error=%s", mqtt.error_string(result))
+            return
+        self._subscribe_mid = mid
 
     def _on_disconnect(
         self,
@@ -298,13 +307,17 @@ class MqttService:
         self,
         _client: mqtt.Client,
         _userdata: object,
-        _mid: int,
+        mid: int,
         reasons: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
         for name, reason in zip(self._subscriptions(), reasons, strict=False):
             if reason.is_failure:
                 log.error("subscription refused topic=%s reason=%s", name, reason)
+        if mid == self._subscribe_mid:
+            # Ready only now: a message published before the SUBACK may not reach us.
+            self._connected.set()
+            log.info("controller subscribed topics=%d", len(reasons))
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
         try:
@@ -396,7 +409,9 @@ class MqttService:
 
     def _answer_segment(self, device_id: str, answer: UploadGrant | StoredConfirmation) -> None:
         if isinstance(answer, UploadGrant):
-            if self._publish(device_id, Channel.GRANT, answer):
+            # A grant that reaches the unit after its URL expired is no use to it.
+            valid_s = math.ceil((answer.expires_at - utcnow()).total_seconds())
+            if self._publish(device_id, Channel.GRANT, answer, expiry_s=max(1, valid_s)):
                 self._count("grants_issued_total")
                 log.info(
                     "grant sent device=%s recording=%s seq=%d",

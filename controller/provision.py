@@ -76,7 +76,10 @@ def add_unit(
     _check_id(device_id)
     if not school.strip() or not room.strip():
         raise ProvisionError("school and room must not be empty")
-    registry.add_device(device_id, school.strip(), room.strip())
+    try:
+        registry.add_device(device_id, school.strip(), room.strip())
+    except ValueError as exc:  # a name the registry cannot hold
+        raise ProvisionError(str(exc)) from None
     try:
         bundle = _issue(
             config,

@@ -272,7 +272,7 @@ class Registry:
     # --- health -----------------------------------------------------------------------------
 
     def on_health(self, device_id: str, health: Health) -> None:
-        with self._db.session() as session:
+        with self._db.session(durable=False) as session:
             device = _locked(session, device_id)
             if device is None:
                 log.warning("health for unknown device ignored device=%s", device_id)

@@ -253,7 +253,7 @@ class ControllerService:
         """Every part alive: what the systemd watchdog is fed on."""
         web_alive = self._web_thread is not None and self._web_thread.is_alive()
         broker_alive = self.broker is None or self.broker.running()
-        return web_alive and broker_alive and self._mqtt is not None
+        return web_alive and broker_alive and self._mqtt is not None and self._mqtt.alive()
 
 
 def alert_thresholds(config: ControllerConfig) -> AlertThresholds:

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.processes",
     "tests.support.broker",
     "tests.support.s3",
+    "tests.support.web",
 ]

@@ -8,7 +8,8 @@ temporary file while it is hashed and only renamed into place when its size
 and digest match, so a refused upload leaves nothing behind.
 
 Reasons are ``"Code: message"`` with S3's error codes, so a unit reads a
-refusal from us the way it reads one from S3.
+refusal from us the way it reads one from S3. ``make_storage`` picks this store
+or an S3 bucket from the configuration.
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ import secrets
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote, urlencode
 
 from controller.storage.base import (
     PresignedPut,
+    Storage,
     StorageAccessError,
     StorageError,
     Verification,
 )
+from controller.storage.s3 import S3Storage
 from shared.clock import from_timestamp, utcnow
+
+if TYPE_CHECKING:
+    from controller.config import StorageConfig
 
 log = logging.getLogger(__name__)
 
@@ -291,3 +297,13 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_storage(config: StorageConfig, base_url: str, secret: bytes) -> Storage:
+    """The configured store: this directory served at ``base_url``, or an S3 bucket.
+
+    Raises OSError when the S3 secret key file cannot be read.
+    """
+    if config.backend == "local":
+        return LocalStorage(config.local_dir, base_url, secret)
+    return S3Storage(config.s3_settings())

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 
-from controller.web import auth
+from controller.web import auth, formatting
 from controller.web.api import issue_commands
 from controller.web.auth import PUBLIC, Role, current_principal, requires
 from controller.web.errors import ApiError
@@ -74,14 +74,15 @@ def _safe_next(target: str | None) -> str:
     if not target:
         return url_for("dashboard.fleet")
     parts = urlsplit(target)
-    if parts.scheme or parts.netloc or not target.startswith("/") or target.startswith("//"):
+    # Browsers read "/\\host" like "//host": another site.
+    if parts.scheme or parts.netloc or not target.startswith("/") or target[1:2] in ("/", "\\"):
         return url_for("dashboard.fleet")
     return target
 
 
-def _query_without(**drop: Any) -> dict[str, str]:
-    """The current query string as a dict, minus the given keys (for pager links)."""
-    return {k: v for k, v in request.args.items() if k not in drop and v != ""}
+def _args_except(*names: str) -> dict[str, str]:
+    """The current query string minus ``names`` and empty fields (for pager links)."""
+    return {k: v for k, v in request.args.items() if k not in names and v != ""}
 
 
 # --- login ---------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def _fleet_context() -> dict[str, Any]:
         page=query.page,
         per_page=query.per_page,
     )
-    return {"query": query, "page": page, "args": _query_without(page=True)}
+    return {"query": query, "page": page, "args": _args_except("page")}
 
 
 @bp.get("/")
@@ -189,14 +190,13 @@ def _unit_context(device_id: str) -> dict[str, Any]:
         "history": svc.registry.health_history(device_id, limit=UNIT_HEALTH_ROWS),
         "events": svc.registry.events(device_id, limit=UNIT_EVENTS),
         "recordings": svc.catalogue.list(device_id=device_id, per_page=UNIT_RECORDINGS).items,
-        "desired": svc.registry.desired(device_id),
     }
 
 
 @bp.get("/units/<device_id>")
 @requires(Role.VIEWER)
 def unit(device_id: str) -> ResponseReturnValue:
-    return render_template("unit.html", actions=ACTION_LABELS, **_unit_context(device_id))
+    return render_template("unit.html", **_unit_context(device_id))
 
 
 @bp.get("/units/<device_id>/live")
@@ -243,7 +243,7 @@ def recordings() -> ResponseReturnValue:
         "recordings.html",
         query=query,
         page=page,
-        args=_query_without(page=True),
+        args=_args_except("page"),
         schools=services().registry.schools(),
     )
 
@@ -273,7 +273,7 @@ def alerts() -> ResponseReturnValue:
         "alerts.html",
         query=query,
         page=page,
-        args=_query_without(page=True),
+        args=_args_except("page"),
         schools=services().registry.schools(),
     )
 
@@ -364,59 +364,6 @@ def admin_revoke_token(token_id: str) -> ResponseReturnValue:
     return redirect(url_for("dashboard.admin"))
 
 
-# --- formatting for templates --------------------------------------------------------------------
-
-
-def ago(value: datetime | None, now: datetime) -> str:
-    if value is None:
-        return "never"
-    seconds = int((now - value).total_seconds())
-    if seconds < 0:
-        return "just now"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit} ago"
-    return f"{seconds} s ago"
-
-
-def human_bytes(value: float | None) -> str:
-    if value is None:
-        return "-"
-    size = float(value)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(size) < 1024 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    total = int(seconds)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes = rest // 60
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min {rest % 60} s"
-
-
-def pager_pages(current: int, last: int) -> list[int | None]:
-    """Page numbers to link, with None where a run is left out: 1 … 4 5 [6] 7 8 … 400."""
-    shown = sorted({1, last, *range(max(1, current - 2), min(last, current + 2) + 1)})
-    out: list[int | None] = []
-    previous = 0
-    for number in shown:
-        if previous and number - previous > 1:
-            out.append(None)
-        out.append(number)
-        previous = number
-    return out
-
-
 def snapshot_url(device_id: str, taken_at: datetime | None) -> str | None:
     if taken_at is None:
         return None
@@ -438,13 +385,13 @@ def _template_helpers() -> dict[str, Any]:
         "now": utcnow(),
         "alert_labels": ALERT_LABELS,
         "action_labels": ACTION_LABELS,
-        "pager_pages": pager_pages,
+        "pager_pages": formatting.pager_pages,
         "snapshot_url": snapshot_url,
         "refresh_ms": int(web_config().refresh_interval_s * 1000),
         "title": web_config().title,
     }
 
 
-bp.add_app_template_filter(ago, "ago")
-bp.add_app_template_filter(human_bytes, "bytes")
-bp.add_app_template_filter(human_duration, "duration")
+bp.add_app_template_filter(formatting.ago, "ago")
+bp.add_app_template_filter(formatting.human_bytes, "bytes")
+bp.add_app_template_filter(formatting.human_duration, "duration")

@@ -5,7 +5,8 @@
   database from a template migrated once per session (so per pytest-xdist worker) and
   drops it afterwards. Only databases these fixtures created are ever dropped.
 - ``empty_db_url``: the URL of an empty, unmigrated database, for migration tests.
-- ``clock``: a settable clock to inject wherever a service takes ``clock=``.
+- ``clock``: a settable clock to inject wherever a service takes ``clock=``; ``health()``
+  makes a healthy sample at its time, with any field overridden.
 
 PostgreSQL comes from ``CLASSCAP_TEST_POSTGRES_URL`` (its database part is ignored;
 the ``postgres`` maintenance database is used to create and drop); when it cannot be
@@ -20,6 +21,7 @@ import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -28,6 +30,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from controller.db import Database
+from shared.messages import Health, RecorderState
 
 POSTGRES_URL = os.environ.get(
     "CLASSCAP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -47,6 +50,27 @@ class FakeClock:
     def advance(self, seconds: float) -> datetime:
         self.now += timedelta(seconds=seconds)
         return self.now
+
+
+def health(clock: FakeClock, **overrides: Any) -> Health:
+    values: dict[str, Any] = {
+        "ts": clock(),
+        "state": RecorderState.IDLE,
+        "soc_temp_c": 55.0,
+        "disk_free_bytes": 20 * 1024**3,
+        "disk_total_bytes": 32 * 1024**3,
+        "can_record": True,
+        "spool_segments": 0,
+        "spool_bytes": 0,
+        "camera_present": True,
+        "mic_level_dbfs": -30.0,
+        "clock_synced": True,
+        "uptime_s": 100.0,
+        "agent_version": "0.1.0",
+        "rejected_messages": 0,
+    }
+    values.update(overrides)
+    return Health(**values)
 
 
 class PostgresAdmin:
@@ -112,7 +136,7 @@ def postgres_admin() -> Iterator[PostgresAdmin]:
 def postgres_template(postgres_admin: PostgresAdmin) -> str:
     reason = postgres_admin.reachable()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.fail(f"PostgreSQL is required for these tests: {reason}")
     name = postgres_admin.create()
     database = Database(postgres_admin.url(name).render_as_string(hide_password=False))
     try:
@@ -134,11 +158,11 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _postgres_admin_or_skip(request: pytest.FixtureRequest) -> PostgresAdmin:
+def _postgres_admin_or_fail(request: pytest.FixtureRequest) -> PostgresAdmin:
     admin: PostgresAdmin = request.getfixturevalue("postgres_admin")
     reason = admin.reachable()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.fail(f"PostgreSQL is required for these tests: {reason}")
     return admin
 
 
@@ -154,7 +178,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
         finally:
             database.dispose()
         return
-    admin = _postgres_admin_or_skip(request)
+    admin = _postgres_admin_or_fail(request)
     name = admin.create(template=request.getfixturevalue("postgres_template"))
     database = Database(admin.url(name).render_as_string(hide_password=False))
     try:
@@ -169,7 +193,7 @@ def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'empty.sqlite3'}"
         return
-    admin = _postgres_admin_or_skip(request)
+    admin = _postgres_admin_or_fail(request)
     name = admin.create()
     try:
         yield admin.url(name).render_as_string(hide_password=False)

@@ -48,7 +48,7 @@ def clients() -> Iterator[list[MqttTestClient]]:
 def _client(
     endpoint: Endpoint, clients: list[MqttTestClient], user: str, *filters: str
 ) -> MqttTestClient:
-    client = MqttTestClient(endpoint, username=user, password=PASSWORDS[user])  # type: ignore[arg-type]
+    client = MqttTestClient(endpoint, username=user, password=PASSWORDS[user])
     clients.append(client)
     reason = client.connect()
     assert not reason.is_failure, reason
@@ -126,7 +126,7 @@ def test_controller_sees_every_unit_and_retained_state(
 
 def test_anonymous_and_wrong_passwords_are_refused(endpoint: Endpoint) -> None:
     for username, password in ((None, None), ("unit-a", "secret-b"), ("nobody", "x")):
-        client = MqttTestClient(endpoint, username=username, password=password)  # type: ignore[arg-type]
+        client = MqttTestClient(endpoint, username=username, password=password)
         try:
             assert client.connect().is_failure, username
         finally:
@@ -137,7 +137,7 @@ def test_a_unit_cannot_take_over_another_units_session(
     endpoint: Endpoint, clients: list[MqttTestClient]
 ) -> None:
     unit_b = _client(endpoint, clients, "unit-b")
-    impostor = MqttTestClient(endpoint, client_id="unit-b", username="unit-a", password="secret-a")  # type: ignore[arg-type]
+    impostor = MqttTestClient(endpoint, client_id="unit-b", username="unit-a", password="secret-a")
     clients.append(impostor)
     assert not impostor.connect().is_failure
     # The client id is the user name: unit-b's connection and session stay its own.

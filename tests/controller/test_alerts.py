@@ -14,8 +14,7 @@ from controller.db import Database
 from controller.models import Alert
 from controller.registry import Registry
 from shared.messages import RecorderState, Status, Throttling
-from tests.controller.conftest import FakeClock
-from tests.controller.test_registry import health
+from tests.controller.conftest import FakeClock, health
 
 MB = 1024 * 1024
 

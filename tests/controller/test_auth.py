@@ -26,8 +26,6 @@ from shared.messages import (
 )
 from tests.support.web import PASSWORD, WebStack, csrf_from, enrol, unit_health
 
-pytest_plugins = ["tests.support.web"]
-
 _PARAM = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]+)>")
 
 

@@ -104,7 +104,7 @@ def _seaweed_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
             return None
 
     def download(url: str) -> bytes:
-        with urllib.request.urlopen(url, timeout=20) as response:  # noqa: S310
+        with urllib.request.urlopen(url, timeout=20) as response:
             return bytes(response.read())
 
     return Store(storage, put, read, download)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.broker import CONTROLLER_USER
+from controller.broker import CONTROLLER_USER, acl_text
 from controller.config import (
     ControllerConfig,
     load_controller_config,
@@ -215,3 +215,20 @@ def test_controller_unit_file_runs_the_controller_under_systemd_supervision() ->
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["NoNewPrivileges"] == "yes"
     assert settings["StateDirectory"] == "classcap-controller"
+
+
+def _doc_block(text: str, after: str, language: str) -> str:
+    start = text.index(f"```{language}\n", text.index(after)) + len(language) + 4
+    return text[start : text.index("```", start)]
+
+
+def test_documented_config_is_valid_and_documented_acl_is_the_generated_one(
+    tmp_path: Path,
+) -> None:
+    doc = (REPO / "docs" / "controller.md").read_text()
+    path = _write(tmp_path, _doc_block(doc, "## The config file", "toml"))
+    config = load_controller_config(path)
+    assert config == ControllerConfig.model_validate(
+        {"server": {"public_url": "https://classcap.district.example"}}
+    )
+    assert _doc_block(doc, "### The ACL", "text") == acl_text()

@@ -30,8 +30,6 @@ from shared.messages import (
 )
 from tests.support.web import PASSWORD, LiveServer, WebStack, enrol, unit_health
 
-pytest_plugins = ["tests.support.web"]
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
@@ -46,9 +44,10 @@ CHROMIUM_ARGS = [
 SCREENSHOT = Path("/tmp/classcap-dashboard-unit.png")
 TIMEOUT_MS = 10_000
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium (make deps installs it)"
-)
+pytestmark = [
+    # One worker runs them all with one browser instead of a browser per worker.
+    pytest.mark.xdist_group("browser"),
+]
 
 
 @pytest.fixture(scope="module")

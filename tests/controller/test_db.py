@@ -127,5 +127,17 @@ def test_concurrent_read_then_write_transactions_all_commit(db: Database) -> Non
     "url", ["mysql://root@127.0.0.1/x", "postgresql+psycopg2://postgres@127.0.0.1/x"]
 )
 def test_unsupported_database_urls_are_refused(url: str) -> None:
-    with pytest.raises(ValueError, match="psycopg|only sqlite"):
+    with pytest.raises(ValueError, match=r"psycopg|only sqlite"):
         Database(url)
+
+
+def test_telemetry_sessions_do_not_wait_for_a_flush_at_commit(db: Database) -> None:
+    if db.dialect == "sqlite":
+        # WAL with synchronous=NORMAL: commits never wait for a flush, whatever the session
+        with db.session(durable=False) as session:
+            assert session.scalar(text("PRAGMA synchronous")) == 1
+        return
+    with db.session(durable=False) as session:
+        assert session.scalar(text("SHOW synchronous_commit")) == "off"
+    with db.session() as session:
+        assert session.scalar(text("SHOW synchronous_commit")) == "on"

@@ -11,8 +11,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
+from controller.config import StorageConfig
 from controller.storage.base import PresignedPut, StorageAccessError
-from controller.storage.local import LocalStorage
+from controller.storage.local import LocalStorage, make_storage
+from controller.storage.s3 import S3Storage
 from tests.controller.conftest import FakeClock
 
 BASE_URL = "http://controller.example:8080"
@@ -245,3 +247,20 @@ def test_put_bytes_replaces_the_object_whole(storage: LocalStorage) -> None:
 def test_a_short_secret_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         LocalStorage(tmp_path, BASE_URL, b"short")
+
+
+def test_make_storage_builds_the_configured_store(tmp_path: Path) -> None:
+    local = make_storage(StorageConfig(local_dir=tmp_path / "objects"), BASE_URL, SECRET)
+    assert isinstance(local, LocalStorage) and local.root == tmp_path / "objects"
+    assert local.presign_get(KEY, 60).startswith(f"{BASE_URL}/storage/objects/{KEY}?")
+    config = StorageConfig(
+        backend="s3",
+        endpoint_url="http://127.0.0.1:9",
+        bucket="district-video",
+        prefix="classcap",
+        access_key="a",
+        secret_key="s",
+    )
+    s3 = make_storage(config, BASE_URL, SECRET)
+    assert isinstance(s3, S3Storage) and s3.bucket == "district-video"
+    assert s3.key_for("room-204", "rec-1", "seg-00000.mp4") == "classcap/" + KEY

@@ -22,8 +22,6 @@ from shared.messages import (
 )
 from tests.support.web import WebStack, enrol, unit_health
 
-pytest_plugins = ["tests.support.web"]
-
 _SAMPLE = re.compile(
     r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*"'
     r'(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*)\})? (?P<value>\S+)$'

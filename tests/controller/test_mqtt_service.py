@@ -224,6 +224,7 @@ def test_segment_is_granted_uploaded_verified_and_confirmed_once(
     _send(unit, Channel.SEGMENT, announcement)
     (received,) = unit.wait_for(_on(Channel.GRANT))
     grant = decode(UploadGrant, received.payload)
+    assert received.expiry_s is not None and 110 <= received.expiry_s <= 120
     assert grant.key == harness.storage.key_for(UNIT, "rec-1", "seg-00000.mp4")
     assert set(grant.headers) == {"content-length", "x-amz-checksum-sha256"}
     assert grant.expires_at > utcnow() + timedelta(seconds=60)

@@ -74,7 +74,7 @@ def embedded(state: State) -> Iterator[EmbeddedBroker]:
 
 def _connects(config: ControllerConfig, username: str, password: str) -> bool:
     endpoint = Endpoint("127.0.0.1", config.broker.embedded.port)
-    client = MqttTestClient(endpoint, username=username, password=password)  # type: ignore[arg-type]
+    client = MqttTestClient(endpoint, username=username, password=password)
     try:
         return not client.connect().is_failure
     finally:

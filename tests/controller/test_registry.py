@@ -20,7 +20,6 @@ from shared.messages import (
     DesiredSettings,
     Event,
     EventKind,
-    Health,
     RecorderState,
     ReportedState,
     Severity,
@@ -28,30 +27,9 @@ from shared.messages import (
     Status,
 )
 from shared.topics import TopicError
-from tests.controller.conftest import FakeClock
+from tests.controller.conftest import FakeClock, health
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 64 + b"\xff\xd9"
-
-
-def health(clock: FakeClock, **overrides: Any) -> Health:
-    values: dict[str, Any] = {
-        "ts": clock(),
-        "state": RecorderState.IDLE,
-        "soc_temp_c": 55.0,
-        "disk_free_bytes": 20 * 1024**3,
-        "disk_total_bytes": 32 * 1024**3,
-        "can_record": True,
-        "spool_segments": 0,
-        "spool_bytes": 0,
-        "camera_present": True,
-        "mic_level_dbfs": -30.0,
-        "clock_synced": True,
-        "uptime_s": 100.0,
-        "agent_version": "0.1.0",
-        "rejected_messages": 0,
-    }
-    values.update(overrides)
-    return Health(**values)
 
 
 def snapshot_of(jpeg: bytes, clock: FakeClock) -> Snapshot:
@@ -72,7 +50,7 @@ def unit(registry: Registry) -> str:
     return "room-204"
 
 
-# --- enrolment ---------------------------------------------------------------------------------
+# --- enrolment ------------------------------------------------------------------------------------
 
 
 def test_an_added_unit_starts_offline_and_idle_with_no_drift(
@@ -118,7 +96,7 @@ def test_removing_a_unit_forgets_it(registry: Registry, unit: str) -> None:
         registry.remove_device(unit)
 
 
-# --- presence: the epoch rule ------------------------------------------------------------------
+# --- presence: the epoch rule ---------------------------------------------------------------------
 
 
 def test_online_status_marks_the_unit_online_with_version_and_capabilities(
@@ -189,7 +167,7 @@ def test_status_of_an_unknown_unit_is_not_applied(registry: Registry) -> None:
     assert not registry.on_status("room-999", Status(online=True, epoch=1))
 
 
-# --- health --------------------------------------------------------------------------------------
+# --- health ---------------------------------------------------------------------------------------
 
 
 def test_health_updates_the_units_latest_state(
@@ -230,7 +208,7 @@ def test_an_older_health_sample_does_not_replace_a_newer_one(
     assert view is not None and view.health is not None and view.health["spool_segments"] == 5
 
 
-# --- events and snapshots --------------------------------------------------------------------------
+# --- events and snapshots -------------------------------------------------------------------------
 
 
 def test_events_are_kept_newest_first_and_bounded(db: Database, clock: FakeClock) -> None:
@@ -275,7 +253,7 @@ def test_a_snapshot_that_is_no_jpeg_is_refused_and_the_old_one_kept(
     assert registry.snapshot(unit) == (JPEG, clock())
 
 
-# --- desired / reported ----------------------------------------------------------------------------
+# --- desired / reported ---------------------------------------------------------------------------
 
 
 def test_desired_state_versions_and_drift(registry: Registry, unit: str, clock: FakeClock) -> None:
@@ -316,7 +294,7 @@ def test_desired_state_of_an_unknown_unit_is_refused(registry: Registry) -> None
     assert registry.desired("room-999") is None
 
 
-# --- listing ------------------------------------------------------------------------------------------
+# --- listing --------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -416,7 +394,7 @@ def test_list_of_20000_units_reads_one_page_in_three_queries(
     assert page.total == len(expected)
     assert [view.id for view in page.items] == expected[100:150]
     assert all(view.online for view in page.items)
-    assert [v.open_alerts for v in page.items if int(v.id[5:]) % 10 == 0][0] == ["disk_low"]
+    assert next(v.open_alerts for v in page.items if int(v.id[5:]) % 10 == 0) == ["disk_low"]
 
     statements.clear()
     everyone = registry.list(alert="disk_low", q="unit-1", page=1, per_page=20)

@@ -186,7 +186,10 @@ class ControllerProcess:
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, port: int, timeout: float = 60) -> None:
+    def start(
+        self, port: int, *, env: Mapping[str, str] | None = None, timeout: float = 60
+    ) -> None:
+        """Starts it and returns once its web server accepts connections on ``port``."""
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [
@@ -200,7 +203,7 @@ class ControllerProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         proc = self.proc
         assert wait_for(lambda: proc.poll() is not None or port_open(port), timeout), self.log()
