@@ -6,7 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["agent.py", "press_latency.py", "upload.py", "command_roundtrip.py"]
+BENCHES = [
+    "agent.py",
+    "press_latency.py",
+    "upload.py",
+    "command_roundtrip.py",
+    "controller_registry.py",
+]
 
 
 def main() -> int:

@@ -163,8 +163,13 @@ class MosquittoSupervisor:
         conf = self.settings.directory / "mosquitto.conf"
         logfile = (self.settings.directory / "mosquitto.log").open("ab")
         try:
+            # Its own session: a Ctrl-C meant for the controller must not reach the broker
+            # first, or the supervisor would see it die and restart it during shutdown.
             proc = subprocess.Popen(
-                [self._binary, "-c", str(conf)], stdout=logfile, stderr=subprocess.STDOUT
+                [self._binary, "-c", str(conf)],
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         finally:
             logfile.close()

@@ -230,8 +230,9 @@ def test_killed_unit_shows_offline_within_one_and_a_half_keepalives_and_a_quick_
         frozen.proc.send_signal(signal.SIGSTOP)
         try:
             # Mosquitto counts the 1.5 keepalives in whole seconds from the unit's last
-            # packet and checks about once a second: allow it three seconds more.
-            assert wait_for(lambda: not _online(service, "room-frozen"), 1.5 * KEEPALIVE_S + 3)
+            # packet and checks them in its main loop, late on a loaded machine: this
+            # bounds detection, it does not time it.
+            assert wait_for(lambda: not _online(service, "room-frozen"), 3 * KEEPALIVE_S)
         finally:
             frozen.proc.send_signal(signal.SIGCONT)
         assert wait_for(lambda: _online(service, "room-frozen"), 20)  # it comes back itself
