@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, TypeVar
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from flask.typing import ResponseReturnValue
+from pydantic import BaseModel
 
 from controller.registry import UnknownDevice
-from controller.views import CommandView
+from controller.views import CommandView, Page
 from controller.web import auth
 from controller.web.auth import Role, current_principal
 from controller.web.errors import ApiError
@@ -57,6 +59,7 @@ LATEST_COMMANDS = 10
 
 bp = Blueprint("api", __name__, url_prefix=PREFIX)
 table = ApiTable(bp)
+PageT = TypeVar("PageT", bound=BaseModel)
 
 
 def _principal_name() -> str:
@@ -105,6 +108,15 @@ def issue_commands(
 # --- devices ---------------------------------------------------------------------------------
 
 
+def _page_out(out: type[PageT], item: type[BaseModel], page: Page[Any]) -> PageT:
+    return out(
+        items=[item.model_validate(entry) for entry in page.items],
+        total=page.total,
+        page=page.page,
+        per_page=page.per_page,
+    )
+
+
 @table.route(
     "GET",
     "/devices",
@@ -123,12 +135,7 @@ def list_devices(query: DeviceQuery) -> DevicePageOut:
         page=query.page,
         per_page=query.per_page,
     )
-    return DevicePageOut(
-        items=[DeviceOut.model_validate(d) for d in page.items],
-        total=page.total,
-        page=page.page,
-        per_page=page.per_page,
-    )
+    return _page_out(DevicePageOut, DeviceOut, page)
 
 
 @table.route(
@@ -311,12 +318,7 @@ def list_commands(query: CommandQuery) -> CommandPageOut:
     page = services().commands.list(
         device_id=query.device_id, page=query.page, per_page=query.per_page
     )
-    return CommandPageOut(
-        items=[CommandOut.model_validate(c) for c in page.items],
-        total=page.total,
-        page=page.page,
-        per_page=page.per_page,
-    )
+    return _page_out(CommandPageOut, CommandOut, page)
 
 
 @table.route(
@@ -353,12 +355,7 @@ def list_recordings(query: RecordingQuery) -> RecordingPageOut:
         page=query.page,
         per_page=query.per_page,
     )
-    return RecordingPageOut(
-        items=[RecordingOut.model_validate(r) for r in page.items],
-        total=page.total,
-        page=page.page,
-        per_page=page.per_page,
-    )
+    return _page_out(RecordingPageOut, RecordingOut, page)
 
 
 @table.route(
@@ -393,12 +390,7 @@ def list_alerts(query: AlertQuery) -> AlertPageOut:
         page=query.page,
         per_page=query.per_page,
     )
-    return AlertPageOut(
-        items=[AlertOut.model_validate(a) for a in page.items],
-        total=page.total,
-        page=page.page,
-        per_page=page.per_page,
-    )
+    return _page_out(AlertPageOut, AlertOut, page)
 
 
 @table.route(
