@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(PY) -m controller.demo
 
 test: lint
-	$(PY) -m pytest -n 4 --dist loadgroup -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -n 6 --dist loadgroup -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -25,6 +25,7 @@ from device.journal import Journal
 from device.light import Light, LightPattern, make_pin_factory
 from device.link import Link
 from device.recorder import Recorder
+from device.scheduler import WindowScheduler
 from device.segment_intake import SegmentIntake
 from device.segment_watcher import SegmentWatcher
 from device.spool import Spool
@@ -33,6 +34,7 @@ from device.uploader import Uploader
 from shared import __version__
 from shared.clock import utcnow
 from shared.messages import (
+    CaptureWindow,
     Command,
     CommandAction,
     CommandResult,
@@ -110,6 +112,8 @@ class Agent:
             self.journal, self.spool, self.link.publish, config.upload, config.device_id
         )
         self.recorder.on_recording_ended(self._recording_ended)
+        self.scheduler = WindowScheduler(self.recorder, self.journal, self._schedule, utcnow)
+        self.recorder.on_recording_ended(self.scheduler.recording_ended)
         self.intake = SegmentIntake(
             self.journal,
             self.spool,
@@ -176,6 +180,7 @@ class Agent:
             log.warning("recovered interrupted recordings: %s", ", ".join(recovered))
         self.watcher.start()
         self.uploader.start()
+        self.scheduler.start()
         self.commands.start()
         self.link.start()
         self.control.start()
@@ -191,6 +196,7 @@ class Agent:
     def _stop_parts(self) -> None:
         log.info("agent stopping device=%s", self.config.device_id)
         self.supervisor.stopping()
+        self.scheduler.stop()
         if self.recorder.state is RecorderState.RECORDING:
             self.recorder.stop(EndReason.SHUTDOWN)
         self.control.stop()
@@ -338,6 +344,7 @@ class Agent:
         result = self.desired.apply(desired)
         if result.applied:
             self._apply_settings(desired)
+            self.scheduler.wake()
             self._publish_event(
                 Event(
                     kind=EventKind.CONFIG_APPLIED,
@@ -346,6 +353,10 @@ class Agent:
                 )
             )
         self._publish(Channel.REPORTED, self.desired.reported(), retain=True)
+
+    def _schedule(self) -> list[CaptureWindow]:
+        desired = self.desired.current
+        return desired.schedule if desired else []
 
     def _apply_settings(self, desired: DesiredState | None) -> None:
         settings = desired.settings if desired else None

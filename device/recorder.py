@@ -24,6 +24,7 @@ from shared.messages import (
     EndReason,
     Event,
     EventKind,
+    Gap,
     RecorderState,
     RecordingManifest,
     RecordingStatus,
@@ -74,6 +75,8 @@ class Recorder:
         self._lock = threading.RLock()
         self._state = RecorderState.IDLE
         self._run: CaptureRun | None = None
+        # A recording that started with a gap can at best end partial.
+        self._partial = False
         self._ended_listeners: list[Callable[[str], None]] = []
 
     @property
@@ -92,7 +95,10 @@ class Recorder:
     def on_recording_ended(self, listener: Callable[[str], None]) -> None:
         self._ended_listeners.append(listener)
 
-    def start(self, trigger: Trigger, window_id: str | None = None) -> Result:
+    def start(
+        self, trigger: Trigger, window_id: str | None = None, gap: Gap | None = None
+    ) -> Result:
+        """Starts a recording; ``gap`` is time its window lost before it (a late start)."""
         with self._lock:
             if self._state is not RecorderState.IDLE and self._state is not RecorderState.ERROR:
                 return Result(False, f"already {self._state.value}", self.recording_id)
@@ -106,6 +112,9 @@ class Recorder:
             manifest = self._journal.begin_recording(
                 recording_id, trigger, started_at, self._video, self._audio, window_id
             )
+            if gap is not None:
+                manifest = self._journal.add_gap(recording_id, gap)
+            self._partial = gap is not None
             self._spool.write_manifest(manifest)
             try:
                 self._backend.start(self._spool.recording_dir(recording_id), first_sequence=0)
@@ -119,7 +128,12 @@ class Recorder:
                 return Result(False, f"capture failed: {exc}", recording_id)
             self._run = CaptureRun(recording_id, 0, started_at)
             self._set_state(RecorderState.RECORDING)
-        log.info("recording started recording=%s trigger=%s", recording_id, trigger.value)
+        log.info(
+            "recording started recording=%s trigger=%s window=%s",
+            recording_id,
+            trigger.value,
+            window_id,
+        )
         self._event(
             EventKind.RECORDING_STARTED,
             Severity.INFO,
@@ -139,11 +153,12 @@ class Recorder:
                 self._backend.stop()
             except CaptureError as exc:
                 log.error("capture failed to stop cleanly recording=%s: %s", run.recording_id, exc)
-            status = (
-                RecordingStatus.COMPLETE
-                if reason in {EndReason.BUTTON, EndReason.COMMAND, EndReason.SCHEDULE}
-                else RecordingStatus.INTERRUPTED
-            )
+            if reason not in {EndReason.BUTTON, EndReason.COMMAND, EndReason.SCHEDULE}:
+                status = RecordingStatus.INTERRUPTED
+            elif self._partial:
+                status = RecordingStatus.PARTIAL
+            else:
+                status = RecordingStatus.COMPLETE
             self._finish(run.recording_id, status, reason)
             self._run = None
             self._set_state(RecorderState.IDLE)

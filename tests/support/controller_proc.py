@@ -212,7 +212,8 @@ class ControllerProcess:
     def stop(self) -> int | None:
         if self.proc is None:
             return None
-        stop_process(self.proc, timeout=30)
+        # Each part of the controller may take its own bounded time to stop on a loaded machine.
+        stop_process(self.proc, timeout=60)
         return self.proc.returncode
 
     def log(self) -> str:
