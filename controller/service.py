@@ -13,6 +13,7 @@ import pwd
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any, cast
@@ -287,13 +288,19 @@ def run(config: ControllerConfig) -> int:
     stop = threading.Event()
     notifier = sdnotify.SystemdNotifier()
 
+    stop_or_reload = threading.Event()
+
     def on_stop(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal %s received, stopping", signal.Signals(signum).name)
         stop.set()
+        stop_or_reload.set()
+
+    # Handlers only raise flags: work done inside a signal handler can re-enter a lock
+    # the main thread already holds and deadlock it.
+    reload = threading.Event()
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
-        log.info("SIGHUP received, reloading broker users")
-        service.reload_broker()
+        reload.set()
+        stop_or_reload.set()
 
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
@@ -305,11 +312,20 @@ def run(config: ControllerConfig) -> int:
         return 1
     notifier.notify(f"READY=1\nSTATUS=serving {service.base_url}")
     interval = _watchdog_interval()
+    next_ping = time.monotonic()
     try:
-        while not stop.wait(interval or 1.0):
-            if interval is not None and service.healthy():
+        while not stop.is_set():
+            stop_or_reload.wait(min(interval or 1.0, 1.0))
+            stop_or_reload.clear()
+            if reload.is_set():
+                reload.clear()
+                log.info("SIGHUP received, reloading broker users")
+                service.reload_broker()
+            if interval is not None and time.monotonic() >= next_ping and service.healthy():
                 notifier.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + interval
     finally:
+        log.info("stop requested, stopping")
         notifier.notify("STOPPING=1")
         service.stop()
     return 0

@@ -42,7 +42,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SCREENSHOT = Path("/tmp/classcap-dashboard-unit.png")
-TIMEOUT_MS = 10_000
+TIMEOUT_MS = 20_000
+# Assertions wait as long as actions: on a loaded machine a page can take seconds.
+expect.set_options(timeout=TIMEOUT_MS)
 
 pytestmark = [
     # One worker runs them all with one browser instead of a browser per worker.
