@@ -339,5 +339,9 @@ def test_snapshot_reboot_and_desired_state_through_the_broker(
     agent.start()
     assert wait_for(lambda: len(controller.of("unit-cmds", Channel.REPORTED)) > reported_before, 10)
     assert controller.of("unit-cmds", Channel.REPORTED)[-1].desired_version == 3
-    healths = controller.of("unit-cmds", Channel.HEALTH)
-    assert healths and healths[-1].agent_version and healths[-1].camera_present is True
+    assert wait_for(lambda: controller.of("unit-cmds", Channel.HEALTH), 10), (
+        controller.undecodable,
+        agent.log_tail(),
+    )
+    health = controller.of("unit-cmds", Channel.HEALTH)[-1]
+    assert health.agent_version and health.camera_present is True
