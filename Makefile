@@ -15,7 +15,7 @@ demo: $(VENV)/.installed
 	$(PY) -m controller.demo
 
 test: lint
-	$(PY) -m pytest -n 6 --dist loadgroup -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 5 --dist loadgroup -p no:cacheprovider --durations=15 $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

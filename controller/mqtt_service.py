@@ -172,7 +172,15 @@ class MqttService:
         self._stop.set()
         if self._client.is_connected():
             self._client.disconnect()
-        self._client.loop_stop()
+        # paho joins its network thread without a timeout; bound it so that a stuck
+        # reconnect can never keep the controller from stopping.
+        stopper = threading.Thread(
+            target=self._client.loop_stop, name="mqtt-loop-stop", daemon=True
+        )
+        stopper.start()
+        stopper.join(timeout)
+        if stopper.is_alive():
+            log.error("mqtt network loop did not stop within %.0f s", timeout)
         for work in self._queues:
             work.put(None)
         deadline = time.monotonic() + timeout

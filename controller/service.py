@@ -224,6 +224,7 @@ class ControllerService:
 
     def stop(self) -> None:
         web, self._web = self._web, None
+        log.info("stopping web server")
         if web is not None:
             # Closing every channel from the server's own loop thread ends its loop;
             # waitress's stubs type the loop's wake-up trigger as an int.
@@ -237,9 +238,11 @@ class ControllerService:
         self._listener = None
         mqtt, self._mqtt = self._mqtt, None
         if mqtt is not None:
+            log.info("stopping mqtt service")
             mqtt.stop()
         broker, self.broker = self.broker, None
         if broker is not None:
+            log.info("stopping broker")
             broker.stop()
         db, self._db = self._db, None
         if db is not None:

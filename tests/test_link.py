@@ -74,7 +74,7 @@ class Inbox:
             self.connection.append(connected)
             self._cond.notify_all()
 
-    def wait(self, predicate: Callable[[Inbox], bool], timeout: float = 10.0) -> None:
+    def wait(self, predicate: Callable[[Inbox], bool], timeout: float = 30.0) -> None:
         with self._cond:
             assert self._cond.wait_for(lambda: predicate(self), timeout), "condition not reached"
 
