@@ -18,7 +18,7 @@ from enum import StrEnum
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db import Database, affected
+from controller.db import Database, affected, paginate
 from controller.models import Alert, Device
 from controller.views import AlertView, Page
 from shared.clock import utcnow
@@ -288,7 +288,6 @@ class AlertEngine:
         page: int = 1,
         per_page: int = 100,
     ) -> Page[AlertView]:
-        page, per_page = max(1, page), max(1, min(per_page, 1000))
         query = select(Alert, Device.school, Device.room).join(Device, Device.id == Alert.device_id)
         if open_only:
             query = query.where(Alert.cleared_at.is_(None))
@@ -299,12 +298,10 @@ class AlertEngine:
         if kind is not None:
             query = query.where(Alert.kind == kind)
         with self._db.session(readonly=True) as session:
-            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-            rows = session.execute(
-                query.order_by(Alert.raised_at.desc(), Alert.id.desc())
-                .limit(per_page)
-                .offset((page - 1) * per_page)
-            ).all()
+            window = paginate(
+                session, query, (Alert.raised_at.desc(), Alert.id.desc()), page, per_page
+            )
+            rows = session.execute(window.query).all()
             items = [
                 AlertView(
                     id=alert.id,
@@ -319,7 +316,7 @@ class AlertEngine:
                 )
                 for alert, school_name, room in rows
             ]
-        return Page(items, total, page, per_page)
+        return Page(items, window.total, window.page, window.per_page)
 
     def open_counts(self) -> dict[str, int]:
         """Open alerts per kind, every kind present (for /metrics)."""

@@ -28,7 +28,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.db import Database, affected
+from controller.db import Database, affected, paginate
 from controller.models import Device, Recording, Segment
 from controller.registry import UnknownDevice
 from controller.storage.base import Storage, StorageError
@@ -447,7 +447,6 @@ class Catalogue:
         per_page: int = 50,
     ) -> Page[RecordingView]:
         """Newest first, without segments; ``segments_stored`` counted for the page at once."""
-        page, per_page = max(1, page), max(1, min(per_page, 1000))
         query = select(Recording)
         if device_id is not None:
             query = query.where(Recording.device_id == device_id)
@@ -456,18 +455,16 @@ class Catalogue:
         if status is not None:
             query = query.where(Recording.status == status)
         with self._db.session(readonly=True) as session:
-            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-            recordings = session.scalars(
-                query.order_by(Recording.started_at.desc(), Recording.id.desc())
-                .limit(per_page)
-                .offset((page - 1) * per_page)
-            ).all()
+            window = paginate(
+                session, query, (Recording.started_at.desc(), Recording.id.desc()), page, per_page
+            )
+            recordings = session.scalars(window.query).all()
             stored = _stored_counts(session, [recording.id for recording in recordings])
             items = [
                 _recording_view(recording, stored.get(recording.id, 0), [])
                 for recording in recordings
             ]
-        return Page(items, total, page, per_page)
+        return Page(items, window.total, window.page, window.per_page)
 
     def get(self, recording_id: str) -> RecordingView | None:
         """One recording with its segments; stored ones carry a download URL."""

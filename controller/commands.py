@@ -15,10 +15,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import select, update
 
-from controller.db import Database, affected
+from controller.db import Database, affected, paginate
 from controller.models import CommandRecord, Device
 from controller.registry import UnknownDevice
 from controller.views import CommandView, Page
@@ -218,19 +217,20 @@ class CommandService:
     def list(
         self, *, device_id: str | None = None, page: int = 1, per_page: int = 50
     ) -> Page[CommandView]:
-        page, per_page = max(1, page), max(1, min(per_page, 1000))
         query = select(CommandRecord)
         if device_id is not None:
             query = query.where(CommandRecord.device_id == device_id)
         with self._db.session(readonly=True) as session:
-            total = _count(session, query)
-            records = session.scalars(
-                query.order_by(CommandRecord.created_at.desc(), CommandRecord.id.desc())
-                .limit(per_page)
-                .offset((page - 1) * per_page)
+            window = paginate(
+                session,
+                query,
+                (CommandRecord.created_at.desc(), CommandRecord.id.desc()),
+                page,
+                per_page,
             )
+            records = session.scalars(window.query)
             items = [_view(record) for record in records]
-        return Page(items, total, page, per_page)
+        return Page(items, window.total, window.page, window.per_page)
 
     def latency_seconds(self, limit: int = _LATENCY_SAMPLES) -> builtins.list[float]:
         """Created → done of the latest ``limit`` commands that succeeded."""
@@ -249,10 +249,6 @@ class CommandService:
             for created, finished in rows
             if finished is not None
         ]
-
-
-def _count(session: Session, query: Any) -> int:
-    return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
 
 
 def _message(record: CommandRecord) -> Command:

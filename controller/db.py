@@ -10,14 +10,15 @@ another writer got there first; read-only sessions use a plain deferred
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, Select, create_engine, event, func, select, text
 from sqlalchemy.engine import URL, CursorResult, Result, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -138,3 +139,30 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+MAX_PER_PAGE = 1000
+
+
+# Any select, whatever its row shape.
+Q = TypeVar("Q", bound="Select[*tuple[Any, ...]]")
+
+
+@dataclass(frozen=True)
+class PageQuery(Generic[Q]):
+    """One page of a listing: the clamped page numbers, the total and the page's query."""
+
+    page: int
+    per_page: int
+    total: int
+    query: Q
+
+
+def paginate(
+    session: Session, query: Q, order_by: Sequence[Any], page: int, per_page: int
+) -> PageQuery[Q]:
+    """Counts ``query``'s rows and returns it ordered and cut to one page."""
+    page, per_page = max(1, page), max(1, min(per_page, MAX_PER_PAGE))
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    limited = query.order_by(*order_by).limit(per_page).offset((page - 1) * per_page)
+    return PageQuery(page, per_page, int(total), limited)

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.alerts import AlertEngine
-from controller.db import Database, affected
+from controller.db import Database, affected, paginate
 from controller.models import Alert, Device, DeviceEvent, HealthSample
 from controller.views import DeviceView, Page
 from shared.clock import utcnow
@@ -155,7 +155,6 @@ class Registry:
         per_page: int = 50,
     ) -> Page[DeviceView]:
         """One page of units ordered by school, room and id: three queries whatever the size."""
-        page, per_page = max(1, page), max(1, min(per_page, 1000))
         query = select(Device)
         if school is not None:
             query = query.where(Device.school == school)
@@ -183,15 +182,13 @@ class Registry:
                 )
             )
         with self._db.session(readonly=True) as session:
-            total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-            devices = session.scalars(
-                query.order_by(Device.school, Device.room, Device.id)
-                .limit(per_page)
-                .offset((page - 1) * per_page)
-            ).all()
+            window = paginate(
+                session, query, (Device.school, Device.room, Device.id), page, per_page
+            )
+            devices = session.scalars(window.query).all()
             kinds = _open_kinds(session, [device.id for device in devices])
             items = [_view(device, sorted(kinds[device.id])) for device in devices]
-        return Page(items, total, page, per_page)
+        return Page(items, window.total, window.page, window.per_page)
 
     def schools(self) -> builtins.list[tuple[str, int, int]]:
         """``(school, units, online)`` for every school, by name."""
