@@ -1,5 +1,5 @@
 """``classcap controller ...``: run the fleet controller, migrate its database, enrol units,
-create users and API tokens.
+create users and API tokens, reconcile units, catalogue and storage.
 
 Every ``classcap`` invocation loads this module (units included, which lack the
 controller's extra dependencies), so only the handlers import the controller itself.
@@ -75,6 +75,34 @@ def register(sub: Any) -> None:
     listing.add_argument("--school")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(handler=_device_list)
+
+    reconcile = with_config(
+        actions.add_parser("reconcile", help="compare unit journals with the catalogue and storage")
+    )
+    reconcile.add_argument(
+        "--journal",
+        action="append",
+        required=True,
+        metavar="[UNIT=]PATH",
+        help="a unit's journal.sqlite3 (repeat for each unit); UNIT when the catalogue "
+        "does not know its recordings",
+    )
+    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    reconcile.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        metavar="SECONDS",
+        help="largest break between consecutive segments taken as continuous (default 0.5)",
+    )
+    reconcile.add_argument(
+        "--window-tolerance",
+        type=float,
+        default=6.0,
+        metavar="SECONDS",
+        help="how late a scheduled recording may start, or early end, unexplained (default 6)",
+    )
+    reconcile.set_defaults(handler=_reconcile)
 
     token = actions.add_parser("token", help="API tokens")
     token_actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -290,6 +318,38 @@ def _device_list(args: argparse.Namespace, config: ControllerConfig) -> int:
                 break
             page += 1
     return 0
+
+
+@_handled
+def _reconcile(args: argparse.Namespace, config: ControllerConfig) -> int:
+    from controller.db import Database
+    from controller.reconcile import reconcile, render_text
+    from controller.reconcile_sources import SourceError, gather, journal_source
+    from controller.storage.local import make_storage
+
+    sources = [journal_source(value) for value in args.journal]
+    try:
+        # Listing and hashing sign nothing, so the local store needs no real secret.
+        storage = make_storage(config.storage, config.server.base_url(), secrets.token_bytes(32))
+    except OSError as exc:
+        raise _Failed(f"cannot set up storage: {exc}", EXIT_CONFIG) from None
+    db = Database(config.database.url)
+    try:
+        found = gather(sources, db, storage)
+    except SourceError as exc:
+        raise _Failed(str(exc), EXIT_CONFIG) from None
+    finally:
+        db.dispose()
+    report = reconcile(
+        found.units,
+        found.catalogue,
+        found.listings,
+        tolerance_s=args.tolerance,
+        window_tolerance_s=args.window_tolerance,
+    )
+    text = json.dumps(report.as_dict(), indent=2) if args.json else render_text(report)
+    sys.stdout.write(text + "\n")
+    return 0 if report.ok else EXIT_FAILURE
 
 
 @_handled

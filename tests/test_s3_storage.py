@@ -237,3 +237,44 @@ def test_ensure_bucket_raises_when_the_store_is_unreachable() -> None:
     storage = S3Storage(_settings(endpoint_url=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(StorageError, match="cannot check bucket"):
         storage.ensure_bucket()
+
+
+# --- listing and hashing (the reconciler's view of the store) -------------------------------
+
+
+def test_list_objects_gives_every_key_under_a_prefix_with_its_size(s3_storage: S3Storage) -> None:
+    from controller.storage.s3 import StoredObject
+
+    bodies = {
+        "classcap/u/rec-1/seg-00000.mp4": b"first segment",
+        "classcap/u/rec-1/seg-00001.mp4": b"second, longer segment",
+        "classcap/u/rec-1/manifest.json": b"{}",
+        "classcap/u/rec-10/seg-00000.mp4": b"another recording",
+    }
+    for key, body in bodies.items():
+        s3_storage.put_bytes(key, body, "video/mp4")
+
+    listed = list(s3_storage.list_objects("classcap/u/rec-1/"))
+
+    assert listed == [
+        StoredObject(key, len(bodies[key]))
+        for key in sorted(bodies)
+        if key.startswith("classcap/u/rec-1/")
+    ]
+    assert len(list(s3_storage.list_objects("classcap/u/"))) == 4
+    assert list(s3_storage.list_objects("classcap/nobody/")) == []
+
+
+def test_sha256_of_hashes_the_content_read_back(s3_storage: S3Storage) -> None:
+    body = os.urandom(3 * 1024 * 1024 + 17)  # several read blocks
+    s3_storage.put_bytes("classcap/u/r/seg-00000.mp4", body, "video/mp4")
+
+    assert s3_storage.sha256_of("classcap/u/r/seg-00000.mp4") == hashlib.sha256(body).hexdigest()
+    with pytest.raises(StorageError, match="cannot read back"):
+        s3_storage.sha256_of("classcap/u/r/seg-00001.mp4")
+
+
+def test_list_objects_raises_when_the_store_is_unreachable() -> None:
+    storage = S3Storage(_settings(endpoint_url=f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(StorageError, match="cannot list"):
+        list(storage.list_objects("classcap/"))

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
-from controller.storage.s3 import PresignedPut, StorageError, Verification
+from controller.storage.s3 import PresignedPut, StorageError, StoredObject, Verification
 
-__all__ = ["PresignedPut", "Storage", "StorageAccessError", "StorageError", "Verification"]
+__all__ = [
+    "PresignedPut",
+    "Storage",
+    "StorageAccessError",
+    "StorageError",
+    "StoredObject",
+    "Verification",
+]
 
 
 class StorageAccessError(StorageError):
@@ -37,4 +45,12 @@ class Storage(Protocol):
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         """Writes a small object (a manifest) whole; raises StorageError on failure."""
+        ...
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``; raises StorageError if it cannot list."""
+        ...
+
+    def sha256_of(self, key: str) -> str:
+        """The SHA-256 of ``key``'s content, streamed; raises StorageError if it cannot be read."""
         ...

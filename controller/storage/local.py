@@ -21,7 +21,7 @@ import hmac
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -32,6 +32,7 @@ from controller.storage.base import (
     Storage,
     StorageAccessError,
     StorageError,
+    StoredObject,
     Verification,
 )
 from controller.storage.s3 import S3Storage
@@ -261,6 +262,42 @@ class LocalStorage:
                 False, stored, found, f"sha256 {found} differs from expected {sha256_hex}"
             )
         return Verification(True, stored, found, None)
+
+    # --- listing --------------------------------------------------------------------------
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``; uploads still in progress are not."""
+        folder = prefix.rpartition("/")[0]
+        top = self._path(folder) if folder else self.root
+
+        def failed(exc: OSError) -> None:
+            if isinstance(exc, FileNotFoundError):
+                return  # nothing stored under this prefix (or removed while listing)
+            raise StorageError(f"cannot list {prefix!r}: {exc.strerror or exc}") from exc
+
+        for directory, subdirs, files in os.walk(top, onerror=failed):
+            # Hidden names are temporary files (``_path`` refuses them as keys).
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+            for name in sorted(files):
+                path = Path(directory, name)
+                key = path.relative_to(self.root).as_posix()
+                if name.startswith(".") or not key.startswith(prefix):
+                    continue
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue  # removed while listing
+                yield StoredObject(key, size)
+
+    def sha256_of(self, key: str) -> str:
+        digest = hashlib.sha256()
+        try:
+            with self._path(key).open("rb") as source:
+                while block := source.read(_BLOCK):
+                    digest.update(block)
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc.strerror or exc}") from exc
+        return digest.hexdigest()
 
     def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)

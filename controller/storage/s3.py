@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -57,6 +58,12 @@ class PresignedPut:
     url: str
     headers: dict[str, str]  # exactly the headers the PUT must carry: they are signed
     expires_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,22 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageError(f"cannot read back {key}: {exc}") from exc
         return size, digest.hexdigest()
+
+    # --- listing ---------------------------------------------------------------------------
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, in key order."""
+        paginator = self._client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", []):
+                    yield StoredObject(item["Key"], int(item["Size"]))
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot list {prefix!r}: {exc}") from exc
+
+    def sha256_of(self, key: str) -> str:
+        """The SHA-256 of the object's body, read back in blocks (never the stored checksum)."""
+        return self._hash_object(key)[1]
 
     # --- small objects and set-up ---------------------------------------------------------
 

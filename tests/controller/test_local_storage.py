@@ -264,3 +264,47 @@ def test_make_storage_builds_the_configured_store(tmp_path: Path) -> None:
     s3 = make_storage(config, BASE_URL, SECRET)
     assert isinstance(s3, S3Storage) and s3.bucket == "district-video"
     assert s3.key_for("room-204", "rec-1", "seg-00000.mp4") == "classcap/" + KEY
+
+
+# --- listing and hashing (the reconciler's view of the store) -------------------------------
+
+
+def test_list_objects_gives_every_key_under_a_prefix_but_no_upload_in_progress(
+    storage: LocalStorage,
+) -> None:
+    from controller.storage.base import StoredObject
+
+    bodies = {
+        "u/rec-1/seg-00000.mp4": b"first segment",
+        "u/rec-1/seg-00001.mp4": b"second, longer segment",
+        "u/rec-1/manifest.json": b"{}",
+        "u/rec-10/seg-00000.mp4": b"another recording",
+    }
+    for key, body in bodies.items():
+        storage.put_bytes(key, body, "video/mp4")
+    (storage.root / "u" / "rec-1" / ".seg-00002.mp4.1a2b.part").write_bytes(b"half")
+
+    listed = sorted(storage.list_objects("u/rec-1/"), key=lambda o: o.key)
+
+    assert listed == [
+        StoredObject(key, len(bodies[key])) for key in sorted(bodies) if key.startswith("u/rec-1/")
+    ]
+    assert [o.key for o in storage.list_objects("u/rec-1/seg-")] == [
+        "u/rec-1/seg-00000.mp4",
+        "u/rec-1/seg-00001.mp4",
+    ]
+    assert len(list(storage.list_objects(""))) == 4
+    assert list(storage.list_objects("nobody/")) == []
+    with pytest.raises(ValueError, match="unsafe"):
+        list(storage.list_objects("../outside/"))
+
+
+def test_sha256_of_hashes_the_stored_file(storage: LocalStorage) -> None:
+    from controller.storage.base import StorageError
+
+    body = bytes(range(256)) * 9000  # several read blocks
+    storage.put_bytes(KEY, body, "video/mp4")
+
+    assert storage.sha256_of(KEY) == hashlib.sha256(body).hexdigest()
+    with pytest.raises(StorageError, match="cannot read"):
+        storage.sha256_of("room-204/rec-1/seg-00009.mp4")
