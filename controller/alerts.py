@@ -1,5 +1,6 @@
 """Health warnings a person should act on: raised from each health sample and by a periodic
-sweep for units that stay offline, cleared when the cause goes away.
+sweep for units that stay offline, cleared when the cause goes away. The schedule service
+raises and clears the capture kinds itself through ``set_alert``.
 
 A unit has at most one open alert of a kind (a partial unique index holds even
 with several controllers); while it stays open only its message follows the
@@ -24,7 +25,7 @@ from controller.views import AlertView, Page
 from shared.clock import utcnow
 from shared.messages import Health, RecorderState
 
-__all__ = ["AlertEngine", "AlertKind", "AlertThresholds", "AlertView", "Page"]
+__all__ = ["AlertEngine", "AlertKind", "AlertThresholds", "AlertView", "Page", "set_alert"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class AlertKind(StrEnum):
     MIC_SILENT = "mic_silent"
     UPLOAD_BACKLOG = "upload_backlog"
     CLOCK_UNSYNCED = "clock_unsynced"
+    # raised by the schedule service, not from health samples
+    CAPTURE_MISSED = "capture_missed"
+    CAPTURE_AT_RISK = "capture_at_risk"
 
 
 @dataclass(frozen=True)
@@ -329,6 +333,43 @@ class AlertEngine:
             ):
                 counts[kind] = count
         return counts
+
+
+def set_alert(
+    session: Session,
+    device_id: str,
+    kind: AlertKind,
+    message: str | None,
+    *,
+    now: datetime,
+    severity: str = "warning",
+) -> None:
+    """Raises ``kind`` for the unit, or updates the open one's message; ``message`` None clears
+    it. The caller holds the unit's row lock, so a second controller waits and sees ours."""
+    current = session.scalar(
+        select(Alert).where(
+            Alert.device_id == device_id, Alert.kind == kind.value, Alert.cleared_at.is_(None)
+        )
+    )
+    if message is None:
+        if current is not None:
+            current.cleared_at = now
+            log.info("alert cleared device=%s kind=%s", device_id, kind)
+        return
+    if current is not None:
+        current.message = message
+        current.severity = severity
+        return
+    session.add(
+        Alert(
+            device_id=device_id,
+            kind=kind.value,
+            severity=severity,
+            message=message,
+            raised_at=now,
+        )
+    )
+    log.info("alert raised device=%s kind=%s message=%s", device_id, kind, message)
 
 
 def _open_alerts(session: Session, device_id: str) -> dict[str, Alert]:

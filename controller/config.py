@@ -249,6 +249,15 @@ class AlertsConfig(_Section):
     sweep_interval_s: float = Field(default=10, gt=0, le=3600)
 
 
+class ScheduleConfig(_Section):
+    # Days ahead each unit holds (plus yesterday and today), so it records through an outage.
+    horizon_days: int = Field(default=14, ge=14, le=60)
+    refresh_interval_s: float = Field(default=300, gt=0, le=86400)
+    check_interval_s: float = Field(default=15, gt=0, le=3600)
+    missed_grace_s: float = Field(default=120, ge=0, le=3600)
+    at_risk_before_s: float = Field(default=1800, ge=0, le=86400)
+
+
 class AuthConfig(_Section):
     session_lifetime_s: int = Field(default=8 * 3600, ge=60, le=30 * 24 * 3600)
 
@@ -268,6 +277,7 @@ class ControllerConfig(_Section):
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @model_validator(mode="before")

@@ -18,13 +18,26 @@ import socket
 import subprocess
 import sys
 import threading
+from datetime import time, timedelta
 from pathlib import Path
 from types import FrameType
 
 from controller.config import ControllerConfig, load_controller_config
 from controller.provision import TomlValue, add_unit, toml_text
+from controller.schedule_service import ScheduleService
+from controller.schedules import ScheduleStore
 from controller.service import ControllerService
 from controller.web.auth import Role, create_token, create_user
+from shared.clock import utcnow
+from shared.schedule import (
+    BellSchedule,
+    CapturePlan,
+    DayType,
+    Period,
+    Room,
+    School,
+    SchoolCalendar,
+)
 
 log = logging.getLogger("classcap.demo")
 
@@ -33,6 +46,12 @@ UNITS = (
     ("demo-room-102", "Demo Primary", "Room 102"),
     ("demo-room-103", "Demo Secondary", "Lab 3"),
 )
+# The demo's lessons: short periods soon after start, so scheduled captures show at once.
+DEMO_TIMEZONE = "UTC"
+DEMO_PERIODS = 8
+PERIOD_EVERY_S = 600
+PERIOD_LENGTH_S = 180
+FIRST_PERIOD_IN_S = 120
 ADMIN = "admin"
 MARKER = ".classcap-demo"
 _AGENT_STOP_S = 30
@@ -86,6 +105,69 @@ def _unit_settings(unit_dir: Path) -> dict[str, TomlValue]:
         "health": {"interval_s": 10},
         "system": {"reboot_command": [], "control_socket": unit_dir / "agent.sock"},
     }
+
+
+def _bell_schedule() -> BellSchedule:
+    """Periods from two minutes after now, three minutes long, every ten minutes (UTC)."""
+    start = utcnow().replace(microsecond=0) + timedelta(seconds=FIRST_PERIOD_IN_S)
+    periods = []
+    for n in range(DEMO_PERIODS):
+        begins = start + timedelta(seconds=n * PERIOD_EVERY_S)
+        ends = begins + timedelta(seconds=PERIOD_LENGTH_S)
+        if ends.date() != start.date():
+            break
+        periods.append(Period(name=f"Period {n + 1}", start=begins.time(), end=ends.time()))
+    if not periods:
+        # Just before midnight: tomorrow's first periods instead.
+        periods = [Period(name="Period 1", start=time(0, 5), end=time(0, 8))]
+    return BellSchedule(name="Demo day", periods=periods)
+
+
+def _seed_schedules(store: ScheduleStore, schedules: ScheduleService) -> None:
+    """Both demo schools on one bell schedule; Room 101 records every period, Room 102
+    every other one, Lab 3 only when someone presses its button."""
+    today = utcnow().date()
+    bells = _bell_schedule()
+    periods = [p.name for p in bells.periods]
+    for school_name in sorted({school for _id, school, _room in UNITS}):
+        school = store.create_school(
+            School(
+                name=school_name,
+                timezone=DEMO_TIMEZONE,
+                bell_schedules=[bells],
+                day_types=[DayType(name="Regular", bell_schedule=bells.name)],
+                calendar=SchoolCalendar(
+                    first_day=today,
+                    last_day=today + timedelta(days=90),
+                    weekdays=[1, 2, 3, 4, 5, 6, 7],
+                    default_day_type="Regular",
+                ),
+                rooms=[
+                    Room(name=room, device_id=device_id)
+                    for device_id, school, room in UNITS
+                    if school == school_name
+                ],
+            )
+        )
+        if school_name == "Demo Primary":
+            for room, chosen in (("Room 101", periods), ("Room 102", periods[1::2] or periods)):
+                store.create_plan(
+                    school.id,
+                    CapturePlan(
+                        name=f"{room} lessons",
+                        school=school_name,
+                        rooms=[room],
+                        periods=chosen,
+                        first_day=today,
+                        last_day=today + timedelta(days=90),
+                        pre_roll_s=10,
+                        post_roll_s=10,
+                        teacher="Demo Teacher",
+                    ),
+                    created_by="demo",
+                )
+    result = schedules.refresh()
+    log.info("demo schedules seeded windows=%d pushed=%d", result.windows, len(result.pushed))
 
 
 def _start_agent(config_path: Path, log_path: Path) -> subprocess.Popen[bytes]:
@@ -148,6 +230,8 @@ def main() -> int:
                 agent_settings=_unit_settings(unit_dir),
             )
             procs.append(_start_agent(bundle.agent_config, unit_dir / "agent.log"))
+        assert services.schedule_store is not None and services.schedules is not None
+        _seed_schedules(services.schedule_store, services.schedules)
         classcap = Path(sys.executable).with_name("classcap")
         lines = [
             "",
@@ -158,6 +242,8 @@ def main() -> int:
             f'    e.g. curl -H "Authorization: Bearer {token}" {service.base_url}/api/v1/devices',
             f"  broker:     {config.broker.connect_url} (embedded)",
             f"  storage:    {config.storage.local_dir}",
+            f"  schedules:  {service.base_url}/schedules (Room 101 and Room 102 record on a "
+            "demo bell schedule: a 3-minute period every 10 minutes)",
         ]
         for device_id, _school, _room in UNITS:
             agent_config = units_dir / device_id / "agent.toml"

@@ -3,13 +3,14 @@ migrations in ``controller/migrations`` (a test checks the two agree)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -163,7 +164,7 @@ class Recording(Base):
     room: Mapped[str] = mapped_column(String(200))
     # None until the unit's manifest arrives (a segment may be announced first)
     trigger: Mapped[str | None] = mapped_column(String(16))
-    window_id: Mapped[str | None] = mapped_column(String(128))
+    window_id: Mapped[str | None] = mapped_column(String(128), index=True)
     started_at: Mapped[datetime] = mapped_column(index=True)
     ended_at: Mapped[datetime | None]
     # recording / complete / partial / interrupted, as the unit reports it
@@ -253,3 +254,61 @@ class ApiToken(Base):
     created_at: Mapped[datetime]
     last_used_at: Mapped[datetime | None]
     revoked_at: Mapped[datetime | None]
+
+
+class SchoolRow(Base):
+    """One school as a single validated ``shared.schedule.School`` document, so an edit
+    revalidates the whole aggregate and its references never dangle."""
+
+    __tablename__ = "schools"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    document: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class CapturePlanRow(Base):
+    __tablename__ = "capture_plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # RESTRICT: a school's plans are deleted deliberately, never along with it.
+    school_id: Mapped[int] = mapped_column(ForeignKey("schools.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(200))
+    document: Mapped[dict[str, Any]]
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("school_id", "name"),)
+
+
+class CaptureWindowRow(Base):
+    """A window of the rolling horizon as last expanded; rows a recording points to stay as
+    history after their window is gone from the plans."""
+
+    __tablename__ = "capture_windows"
+
+    window_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    school_id: Mapped[int] = mapped_column(ForeignKey("schools.id", ondelete="CASCADE"))
+    # No foreign key, like recordings: the history outlives the unit.
+    device_id: Mapped[str | None] = mapped_column(String(63))
+    room: Mapped[str] = mapped_column(String(200))
+    date: Mapped[date] = mapped_column(Date)
+    period: Mapped[str] = mapped_column(String(200))
+    start: Mapped[datetime]
+    end: Mapped[datetime]
+    title: Mapped[str] = mapped_column(Text)
+    teacher: Mapped[str | None] = mapped_column(String(200))
+    plans: Mapped[list[Any]] = mapped_column(default=list)
+    missed_at: Mapped[datetime | None]
+    missed_reason: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (
+        Index("ix_capture_windows_device_start", "device_id", "start"),
+        Index("ix_capture_windows_school_start", "school_id", "start"),
+        # the missed and at-risk checks look at every unit's windows near now
+        Index("ix_capture_windows_start", "start"),
+    )

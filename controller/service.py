@@ -1,6 +1,6 @@
 """``classcap controller run``: broker, MQTT service and web server in one supervised process.
 
-Start order follows dependencies (database, storage, broker, MQTT, web) and stop
+Start order follows dependencies (database, storage, broker, MQTT, schedules, web) and stop
 runs it backwards, so no part ever talks to one already gone. Under systemd the
 process reports readiness and feeds the watchdog only while every part is alive.
 """
@@ -31,6 +31,8 @@ from controller.db import Database
 from controller.mqtt_service import MqttService
 from controller.provision import ensure_controller_identity
 from controller.registry import Registry
+from controller.schedule_service import ScheduleService, ScheduleSettings
+from controller.schedules import ScheduleStore
 from controller.storage.base import Storage
 from controller.storage.local import make_storage
 from controller.web import create_app
@@ -127,6 +129,7 @@ class ControllerService:
         self.broker: EmbeddedBroker | None = None
         self._db: Database | None = None
         self._mqtt: MqttService | None = None
+        self._schedules: ScheduleService | None = None
         self._web: BaseWSGIServer | MultiSocketServer | None = None
         self._web_thread: threading.Thread | None = None
         self._web_map: dict[int, Any] = {}
@@ -192,6 +195,14 @@ class ControllerService:
             # An external broker may come later; the service keeps trying meanwhile.
             log.warning("broker not reachable yet url=%s", config.broker.connect_url)
 
+        # After MQTT: its first refresh publishes every unit's windows.
+        schedule_store = ScheduleStore(db)
+        schedules = ScheduleService(
+            db, schedule_store, registry, mqtt.publish_desired, schedule_settings(config)
+        )
+        self._schedules = schedules
+        schedules.start()
+
         self._services = WebServices(
             db=db,
             registry=registry,
@@ -202,6 +213,8 @@ class ControllerService:
             publish_command=mqtt.send_command,
             publish_desired=mqtt.publish_desired,
             mqtt_metrics=mqtt.metrics,
+            schedule_store=schedule_store,
+            schedules=schedules,
         )
         app = create_app(
             self._services,
@@ -236,6 +249,10 @@ class ControllerService:
         elif self._listener is not None:
             self._listener.close()
         self._listener = None
+        schedules, self._schedules = self._schedules, None
+        if schedules is not None:
+            log.info("stopping schedule service")
+            schedules.stop()
         mqtt, self._mqtt = self._mqtt, None
         if mqtt is not None:
             log.info("stopping mqtt service")
@@ -268,6 +285,17 @@ def alert_thresholds(config: ControllerConfig) -> AlertThresholds:
         temp_max_c=alerts.temp_max_c,
         backlog_max_segments=alerts.backlog_max_segments,
         mic_silent_dbfs=alerts.mic_silent_dbfs,
+    )
+
+
+def schedule_settings(config: ControllerConfig) -> ScheduleSettings:
+    schedule = config.schedule
+    return ScheduleSettings(
+        horizon_days=schedule.horizon_days,
+        refresh_interval_s=schedule.refresh_interval_s,
+        check_interval_s=schedule.check_interval_s,
+        missed_grace_s=schedule.missed_grace_s,
+        at_risk_before_s=schedule.at_risk_before_s,
     )
 
 

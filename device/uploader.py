@@ -270,6 +270,10 @@ class Uploader:
         rows = self._journal.all_segments(recording_id)
         if any(r.state is not SegmentState.STORED for r in rows):
             return
+        # The manifest sent when the recording ended or the link came back can be lost if it
+        # reached a restarted broker before the controller subscribed again; the controller
+        # that just confirmed the last segment is surely listening.
+        self._publish_fn(Channel.RECORDING, manifest)
         try:
             self._spool.remove_finished_recording(recording_id)
         except SpoolError:

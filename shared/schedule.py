@@ -6,15 +6,18 @@ resulting windows to units as ``CaptureWindow``s in their desired state; a unit
 never sees a bell schedule. Bell times are wall-clock times in the school's own
 timezone, so a period at 08:15 is at 08:15 local on both sides of a
 daylight-saving change. A local time the clocks skip (02:30 on a spring-forward
-night) is taken as the same time after the jump; a repeated one (01:30 on a
-fall-back night) as its first occurrence.
+night) is taken as the moment of the jump, so a period inside the skipped hour
+has no window; a repeated one (01:30 on a fall-back night) as its first
+occurrence.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
@@ -32,11 +35,17 @@ from pydantic import (
 
 from shared.messages import CaptureWindow
 
+log = logging.getLogger(__name__)
+
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=60)]
 # Rolls longer than this would swallow neighbouring lessons.
 MAX_ROLL_S = 1800
+# A period's start and end in UTC.
+Span = tuple[datetime, datetime]
 # ISO weekdays: Monday is 1.
 SCHOOL_WEEK = (1, 2, 3, 4, 5)
+# Three parts of this length, a date and three dots stay within a window id's 128 characters.
+ID_PART_MAX = 36
 
 
 def slug(name: str) -> str:
@@ -263,12 +272,49 @@ class PlannedWindow:
 
 def window_id(school: str, room: str, day: date, period: str) -> str:
     """Stable across edits, so a moved lesson replaces its old window rather than adding one."""
-    return f"{slug(school)}.{slug(room)}.{day:%Y%m%d}.{slug(period)}"
+    return _id_head(school, room) + _id_day(day) + _id_part(period)
+
+
+# An id in pieces, so that a term's expansion makes each piece once per room, per day and
+# per period rather than once per window.
+def _id_head(school: str, room: str) -> str:
+    return f"{_id_part(school)}.{_id_part(room)}."
+
+
+def _id_day(day: date) -> str:
+    return f"{day:%Y%m%d}."
+
+
+def _id_part(name: str) -> str:
+    # A long slug keeps its start and gets a digest of the whole, so it stays distinct.
+    key = slug(name)
+    if len(key) <= ID_PART_MAX:
+        return key
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return f"{key[: ID_PART_MAX - 9].rstrip('-')}-{digest}"
 
 
 def local_to_utc(day: date, at: time, zone: ZoneInfo) -> datetime:
-    # fold=0: a skipped time maps past the jump, a repeated one to its first occurrence.
-    return datetime.combine(day, at, tzinfo=zone).astimezone(UTC)
+    """The instant ``zone``'s clocks read ``at`` on ``day``: the first of two on a fall-back
+    night, the moment of the jump for a time a spring-forward night skips. Later wall-clock
+    times therefore never map to earlier instants, so periods that do not overlap locally
+    do not overlap in UTC either."""
+    local = datetime.combine(day, at, tzinfo=zone)  # fold=0: the first occurrence
+    instant = local.astimezone(UTC)
+    new_offset = instant.astimezone(zone).utcoffset()
+    if new_offset == local.utcoffset():
+        return instant
+    # Skipped: fold=0 read it with the offset before the jump and fold=1 with the one after,
+    # so the jump lies between the two readings; find its second.
+    before = int(local.replace(fold=1).timestamp())
+    after = int(instant.timestamp())
+    while after - before > 1:
+        middle = (before + after) // 2
+        if datetime.fromtimestamp(middle, zone).utcoffset() == new_offset:
+            after = middle
+        else:
+            before = middle
+    return datetime.fromtimestamp(after, UTC)
 
 
 def school_days(school: School, first: date, last: date) -> Iterator[SchoolDay]:
@@ -310,82 +356,130 @@ def expand(
 ) -> list[PlannedWindow]:
     """Every capture window of ``school``'s rooms between ``first`` and ``last`` (inclusive
     local dates), ordered by room then start. Plans naming the same room, date and period
-    give one window with the longest rolls; where rolls would make one room's windows
-    overlap they meet halfway between the two periods instead."""
-    rooms = {r.name: r for r in school.rooms}
-    own = [p for p in plans if p.school == school.name]
+    give one window with the longest rolls. Where rolls would make one room's windows
+    overlap, the two meet as near halfway between the periods as their rolls reach, so
+    neither grows past what its plans asked for."""
+    own = [
+        _Rolled(p, timedelta(seconds=p.pre_roll_s), timedelta(seconds=p.post_roll_s))
+        for p in plans
+        if p.school == school.name
+    ]
     if not own:
         return []
-    zone = school.zone
-    wanted_periods = {name for p in own for name in p.periods}
-    by_key: dict[tuple[str, date, str], PlannedWindow] = {}
-    nominal: dict[tuple[str, date, str], tuple[datetime, datetime]] = {}
+    # Id pieces made once: each room's with the room, each period's by its name.
+    rooms = {r.name: (r, _id_head(school.name, r.name)) for r in school.rooms}
+    wanted = {name: _id_part(name) for p in own for name in p.plan.periods}
+    per_room: dict[str, list[PlannedWindow]] = defaultdict(list)
+    # Each room's latest window and its period's own span. Days come in order, a day's
+    # periods too, and later local times are never earlier instants, so a room's windows
+    # arrive in time order and each is trimmed against the one before it only.
+    latest: dict[str, tuple[PlannedWindow, Span]] = {}
     for day in school_days(school, first, last):
-        # One conversion per date and period, shared by every room.
-        times = {
-            p.name: (local_to_utc(day.date, p.start, zone), local_to_utc(day.date, p.end, zone))
-            for p in day.bell_schedule.periods
-            if p.name in wanted_periods
-        }
-        for plan in own:
-            if not plan.first_day <= day.date <= plan.last_day:
+        spans = _period_spans(school.name, day, wanted, school.zone)
+        day_part = _id_day(day.date)
+        tails = {period: day_part + wanted[period] for period in spans}
+        lessons = _day_windows(school, day, spans=spans, tails=tails, plans=own, rooms=rooms)
+        for period, windows in lessons.items():
+            span = spans[period]
+            for room, window in windows.items():
+                previous = latest.get(room)
+                if previous is not None and previous[0].end > window.start:
+                    _meet(previous, (window, span))
+                latest[room] = (window, span)
+                per_room[room].append(window)
+    return [window for room in sorted(per_room) for window in per_room[room]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Rolled:
+    plan: CapturePlan
+    pre: timedelta
+    post: timedelta
+
+
+def _period_spans(
+    school: str, day: SchoolDay, wanted: Container[str], zone: ZoneInfo
+) -> dict[str, Span]:
+    """The UTC span of each wanted period of ``day``, in time order; one conversion per
+    date and period, shared by every room."""
+    spans: dict[str, Span] = {}
+    for period in day.bell_schedule.periods:
+        if period.name not in wanted:
+            continue
+        start = local_to_utc(day.date, period.start, zone)
+        end = local_to_utc(day.date, period.end, zone)
+        if end > start:
+            spans[period.name] = (start, end)
+        else:
+            log.info(
+                "period skipped by the clocks school=%r date=%s period=%r",
+                school,
+                day.date,
+                period.name,
+            )
+    return spans
+
+
+def _day_windows(
+    school: School,
+    day: SchoolDay,
+    *,
+    spans: dict[str, Span],
+    tails: dict[str, str],
+    plans: list[_Rolled],
+    rooms: dict[str, tuple[Room, str]],
+) -> dict[str, dict[str, PlannedWindow]]:
+    """Period (in time order), then room, to the one window the day's plans make of it."""
+    stamp = day.date.isoformat()
+    lessons: dict[str, dict[str, PlannedWindow]] = {period: {} for period in spans}
+    for rolled in plans:
+        plan = rolled.plan
+        if not plan.first_day <= day.date <= plan.last_day:
+            continue
+        if plan.rotation_days and day.rotation not in plan.rotation_days:
+            continue
+        for period in plan.periods:
+            windows = lessons.get(period)
+            if windows is None:
                 continue
-            if plan.rotation_days and day.rotation not in plan.rotation_days:
-                continue
-            pre = timedelta(seconds=plan.pre_roll_s)
-            post = timedelta(seconds=plan.post_roll_s)
-            for period in plan.periods:
-                span = times.get(period)
-                if span is None:
+            start, end = spans[period][0] - rolled.pre, spans[period][1] + rolled.post
+            for room_name in plan.rooms:
+                found = windows.get(room_name)
+                if found is not None:
+                    found.start = min(found.start, start)
+                    found.end = max(found.end, end)
+                    found.teacher = found.teacher or plan.teacher
+                    found.plans.append(plan.name)
                     continue
-                start, end = span[0] - pre, span[1] + post
-                for room_name in plan.rooms:
-                    room = rooms.get(room_name)
-                    if room is None:
-                        continue
-                    key = (room_name, day.date, period)
-                    found = by_key.get(key)
-                    if found is None:
-                        by_key[key] = PlannedWindow(
-                            window_id=window_id(school.name, room_name, day.date, period),
-                            school=school.name,
-                            room=room_name,
-                            device_id=room.device_id,
-                            date=day.date,
-                            period=period,
-                            start=start,
-                            end=end,
-                            title=f"{school.name} · {room_name} · {day.date:%Y-%m-%d} · {period}",
-                            teacher=plan.teacher,
-                            plans=[plan.name],
-                        )
-                        nominal[key] = span
-                    else:
-                        found.start = min(found.start, start)
-                        found.end = max(found.end, end)
-                        found.teacher = found.teacher or plan.teacher
-                        found.plans.append(plan.name)
-    return _separate(by_key, nominal)
+                known = rooms.get(room_name)
+                if known is None:
+                    continue
+                room, head = known
+                # Positional, in field order: a term makes hundreds of thousands of these.
+                windows[room_name] = PlannedWindow(
+                    head + tails[period],
+                    school.name,
+                    room_name,
+                    room.device_id,
+                    day.date,
+                    period,
+                    start,
+                    end,
+                    f"{school.name} · {room_name} · {stamp} · {period}",
+                    plan.teacher,
+                    [plan.name],
+                )
+    return lessons
 
 
-def _separate(
-    by_key: dict[tuple[str, date, str], PlannedWindow],
-    nominal: dict[tuple[str, date, str], tuple[datetime, datetime]],
-) -> list[PlannedWindow]:
-    per_room: dict[str, list[tuple[PlannedWindow, tuple[datetime, datetime]]]] = defaultdict(list)
-    for key, window in by_key.items():
-        per_room[key[0]].append((window, nominal[key]))
-    result: list[PlannedWindow] = []
-    for room in sorted(per_room):
-        entries = sorted(per_room[room], key=lambda e: e[1][0])
-        for (earlier, span_a), (later, span_b) in pairwise(entries):
-            if earlier.end > later.start:
-                # Periods never overlap, so the halfway point keeps both lessons whole.
-                meet = span_a[1] + (span_b[0] - span_a[1]) / 2
-                earlier.end = meet
-                later.start = meet
-        result.extend(window for window, _ in entries)
-    return result
+def _meet(earlier: tuple[PlannedWindow, Span], later: tuple[PlannedWindow, Span]) -> None:
+    """Ends one window where the next begins, as near halfway between their periods as the
+    rolls reach; periods never overlap, so any point between them keeps both whole."""
+    (first, (_, first_end)), (second, (second_start, _)) = earlier, later
+    halfway = first_end + (second_start - first_end) / 2
+    meet = min(max(halfway, second.start), first.end)
+    first.end = meet
+    second.start = meet
 
 
 def unit_windows(windows: Iterable[PlannedWindow]) -> dict[str, list[CaptureWindow]]:

@@ -9,7 +9,15 @@ from flask import Flask, Response, jsonify
 from sqlalchemy import text
 
 from controller.storage.local import LocalStorage
-from controller.web import api, auth, dashboard, errors, metrics, storage_routes
+from controller.web import (
+    api,
+    auth,
+    dashboard,
+    errors,
+    metrics,
+    schedule_pages,
+    storage_routes,
+)
 from controller.web.auth import PUBLIC, requires
 from controller.web.services import EXTENSION_KEY, WebConfig, WebServices, services
 
@@ -34,8 +42,10 @@ def create_app(services_: WebServices, config: WebConfig) -> Flask:
     app.extensions[EXTENSION_KEY] = services_
     app.extensions[EXTENSION_KEY + ".config"] = config
 
+    # The scheduling routes join api.bp when schedule_pages imports schedule_api.
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(schedule_pages.bp)
     app.register_blueprint(metrics.bp)
     if isinstance(services_.storage, LocalStorage):
         app.register_blueprint(storage_routes.bp)

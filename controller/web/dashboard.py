@@ -53,6 +53,8 @@ ALERT_LABELS: dict[str, str] = {
     "mic_silent": "mic silent",
     "upload_backlog": "upload backlog",
     "clock_unsynced": "clock not synced",
+    "capture_missed": "capture missed",
+    "capture_at_risk": "capture at risk",
 }
 STATES = [s.value for s in RecorderState]
 

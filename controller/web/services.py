@@ -12,6 +12,8 @@ from controller.catalogue import Catalogue
 from controller.commands import CommandService
 from controller.db import Database
 from controller.registry import Registry
+from controller.schedule_service import ScheduleService
+from controller.schedules import ScheduleStore
 from controller.storage.base import Storage
 from shared.messages import DesiredState
 
@@ -33,6 +35,9 @@ class WebServices:
     publish_desired: Callable[[str, DesiredState], None] | None = None
     # MQTT counters by name without prefix, e.g. {"messages_rejected_total": 3}.
     mqtt_metrics: Callable[[], Mapping[str, float]] | None = None
+    # Schools and plans, and the service that turns them into units' windows.
+    schedule_store: ScheduleStore | None = None
+    schedules: ScheduleService | None = None
 
 
 @dataclass(frozen=True)

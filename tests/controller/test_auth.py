@@ -26,14 +26,19 @@ from shared.messages import (
 )
 from tests.support.web import PASSWORD, WebStack, csrf_from, enrol, unit_health
 
-_PARAM = re.compile(r"<(?:[a-z]+:)?([A-Za-z_]+)>")
+_PARAM = re.compile(r"<(?:([a-z]+):)?([A-Za-z_]+)>")
 
 
 def _routes(app: Flask) -> list[tuple[str, str, str]]:
     """(method, concrete path, endpoint) for every rule, with placeholder path values."""
     out = []
     for rule in app.url_map.iter_rules():
-        path = _PARAM.sub(lambda m: "room-1" if m.group(1) == "device_id" else "x", rule.rule)
+        path = _PARAM.sub(
+            lambda m: (
+                "room-1" if m.group(2) == "device_id" else "1" if m.group(1) == "int" else "x"
+            ),
+            rule.rule,
+        )
         for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
             out.append((method, path, rule.endpoint))
     return out
