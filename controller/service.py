@@ -318,6 +318,10 @@ def run(config: ControllerConfig) -> int:
     service = ControllerService(config)
     stop = threading.Event()
     notifier = sdnotify.SystemdNotifier()
+    if notifier.socket is not None:
+        # A full notify queue (10 datagrams unless systemd drains it) would otherwise block
+        # the main loop in sendall, and with it every signal the loop acts on.
+        notifier.socket.setblocking(False)
 
     stop_or_reload = threading.Event()
 

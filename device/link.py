@@ -101,6 +101,13 @@ class Link:
             return self._connected
 
     @property
+    def subscribed(self) -> bool:
+        """Connected and the broker has acknowledged every subscription: from now on
+        nothing sent to the unit is missed."""
+        with self._lock:
+            return self._connected and not self._pending_subscriptions
+
+    @property
     def rejected_count(self) -> int:
         with self._lock:
             return self._rejected

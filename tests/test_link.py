@@ -266,6 +266,7 @@ def test_valid_messages_on_the_units_channels_reach_the_handler(
 ) -> None:
     link, inbox = make_link(broker_config(broker))
     inbox.wait(lambda i: i.connection == [True])
+    assert wait_for(lambda: link.subscribed, 30)
     controller = mqtt_client(broker)
     desired = DesiredState(version=3)
     controller.publish(topic(UNIT, Channel.DESIRED), desired.to_json(), retain=True)
@@ -306,6 +307,8 @@ def test_bad_payloads_are_counted_logged_and_handed_on_without_breaking_the_link
     caplog.set_level(logging.INFO, logger="device.link")
     link, inbox = make_link(broker_config(broker))
     inbox.wait(lambda i: i.connection == [True])
+    # A message the broker routes before it has the unit's subscription is not for the unit.
+    assert wait_for(lambda: link.subscribed, 30)
     controller = mqtt_client(broker)
 
     for payload in BAD_COMMANDS.values():
@@ -349,6 +352,7 @@ def test_messages_outside_the_units_channels_are_rejected_without_a_handler_call
 
     link, inbox = make_link(broker_config(broker))
     inbox.wait(lambda i: i.connection == [True])
+    assert wait_for(lambda: link.subscribed, 30)
     controller = mqtt_client(broker)
     for name in stale:
         controller.publish(name, command().to_json())

@@ -581,23 +581,54 @@ def test_storage_down_during_a_lesson_loses_nothing_and_stores_everything_once(
 
 
 class NotifySocket:
-    """What systemd listens on for a Type=notify service: a datagram socket in NOTIFY_SOCKET."""
+    """What systemd listens on for a Type=notify service: a datagram socket in NOTIFY_SOCKET,
+    drained as it arrives (systemd's queue holds only a few datagrams)."""
 
     def __init__(self) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="cc-"))  # socket paths max 108 bytes
         self.path = self.directory / "notify"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(self.path))
-        self.sock.settimeout(60)
+        self.sock.settimeout(0.5)
+        self._received: list[str] = []
+        self._read = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
 
-    def until(self, wanted: str) -> list[str]:
-        """Messages received up to and including one containing ``wanted``."""
-        got = [self.sock.recv(4096).decode()]
-        while wanted not in got[-1]:
-            got.append(self.sock.recv(4096).decode())
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._cond:
+                self._received.append(message)
+                self._cond.notify_all()
+
+    def until(self, wanted: str, timeout: float = 60) -> list[str]:
+        """Messages not yet returned, up to and including one containing ``wanted``."""
+
+        def found() -> int | None:
+            for index in range(self._read, len(self._received)):
+                if wanted in self._received[index]:
+                    return index
+            return None
+
+        with self._cond:
+            assert self._cond.wait_for(lambda: found() is not None, timeout), wanted
+            end = found()
+            assert end is not None
+            got = self._received[self._read : end + 1]
+            self._read = end + 1
         return got
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
         self.sock.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
