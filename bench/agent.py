@@ -1,6 +1,7 @@
 """Agent footprint: resident memory and CPU of the agent process alone (not its ffmpeg
 encoder), idle and while recording and uploading, beside the floor of a bare Python
-process that imports what the agent imports for MQTT and its models.
+process that imports what the agent imports for MQTT and its models (medians of 5 s
+windows).
 
     .venv/bin/python bench/agent.py [--idle 30] [--recording 60]
 
@@ -18,11 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import describe_machine, rig, sample
+from bench._harness import at_most, describe_machine, report, rig, sample
 from tests.support.agent_proc import make_agent
 from tests.support.processes import wait_for
 
-FLOOR = "import json, sqlite3, paho.mqtt.client, pydantic, time; time.sleep(30)"
+# Says when its imports are done, so that their CPU time is not counted as idling.
+FLOOR = (
+    "import json, sqlite3, paho.mqtt.client, pydantic, time; "
+    "print('ready', flush=True); time.sleep(30)"
+)
 
 
 def main() -> None:
@@ -32,8 +37,10 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp, rig(Path(tmp)) as r:
-        floor = subprocess.Popen([sys.executable, "-c", FLOOR])
+        floor = subprocess.Popen([sys.executable, "-c", FLOOR], stdout=subprocess.PIPE)
         try:
+            assert floor.stdout is not None
+            floor.stdout.readline()
             floor_rss, floor_cpu = sample(floor.pid, 10)
         finally:
             floor.kill()
@@ -65,6 +72,41 @@ def main() -> None:
         f"{sum(stored.values())}"
     )
     print("targets: idle < 60 MB and < 3 %; recording + uploading < 5 %")
+    floor_name = "python + paho + pydantic, idle"
+    segments = f"{sum(stored.values())} segments stored while measured"
+    report(
+        "agent idle: RSS",
+        idle_rss,
+        "MB",
+        baseline=floor_rss,
+        baseline_name=floor_name,
+        target=at_most(60),
+    )
+    report(
+        "agent idle: CPU",
+        idle_cpu,
+        "% of a core",
+        baseline=floor_cpu,
+        baseline_name=floor_name,
+        target=at_most(3),
+    )
+    report(
+        "agent recording + uploading: RSS",
+        rec_rss,
+        "MB",
+        baseline=floor_rss,
+        baseline_name=floor_name,
+        note=segments,
+    )
+    report(
+        "agent recording + uploading: CPU",
+        rec_cpu,
+        "% of a core",
+        baseline=floor_cpu,
+        baseline_name=floor_name,
+        target=at_most(5),
+        note=segments,
+    )
 
 
 if __name__ == "__main__":

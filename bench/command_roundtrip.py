@@ -1,11 +1,12 @@
-"""Command round trip through a real Mosquitto on loopback.
+"""Command round trip through a real Mosquitto on loopback, beside a plain paho
+request/response through the same broker.
 
 Controller-side publish of a Command -> the unit's Link + CommandProcessor ->
-``done`` CommandResult back at the controller, compared with a plain paho
-request/response through the same broker (QoS 1 both ways, TCP_NODELAY on every
-socket and in the broker). The unit runs once with an in-memory journal (the
-cost of the link and the processor alone) and once with the real SQLite journal
-(``synchronous=FULL``: every command is remembered and two results are stored).
+``done`` CommandResult back at the controller; both it and the plain exchange use
+QoS 1 both ways and TCP_NODELAY on every socket and in the broker. The unit runs
+once with an in-memory journal (the cost of the link and the processor alone) and
+once with the real SQLite journal (``synchronous=FULL``: every command is
+remembered and two results are stored).
 
     .venv/bin/python bench/command_roundtrip.py [--rounds 500]
 """
@@ -34,6 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 # Run as a plain script: the checkout's tests.support is not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._harness import report
 from device.commands import CommandProcessor, Outcome
 from device.config import BrokerConfig
 from device.journal import Journal
@@ -278,6 +280,18 @@ def main() -> int:
         f"median ratio to plain paho: memory journal {statistics.median(in_memory[0]) / base:.2f}x,"
         f" SQLite journal {statistics.median(on_disk[0]) / base:.2f}x"
     )
+    for name, (samples, _lost) in (
+        ("command round trip: Link + processor, memory journal", in_memory),
+        ("command round trip: Link + processor, SQLite journal", on_disk),
+    ):
+        report(
+            name,
+            statistics.median(samples),
+            "ms",
+            baseline=base,
+            baseline_name="plain paho request/response, QoS 1",
+            note=f"{args.rounds} rounds",
+        )
     return 1 if plain[1] or in_memory[1] or on_disk[1] else 0
 
 

@@ -15,11 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._harness import describe_machine, rig
+from bench._harness import at_most, describe_machine, report, rig
 from device.button import PressKind
 from device.capture import create_backend
 from device.config import CaptureConfig
@@ -37,7 +38,7 @@ def has_fragment(path: Path) -> bool:
         return False
 
 
-def wait_fragment(path_of: object, timeout: float = 10) -> float:
+def wait_fragment(path_of: Path | Callable[[], Path | None], timeout: float = 10) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         path = path_of() if callable(path_of) else path_of
@@ -102,6 +103,15 @@ def main() -> None:
     print(f"{'baseline: backend.start() to fragment':<40}{d:>10.3f}{max(direct):>10.3f}")
     print(f"{'agent: press to fragment':<40}{p:>10.3f}{max(pressed):>10.3f}")
     print(f"ratio agent / baseline: {p / d:.2f}; target: median under 1 s")
+    report(
+        "button press to first fragment in the spool",
+        p,
+        "s",
+        baseline=d,
+        baseline_name="backend.start() to first fragment",
+        target=at_most(1),
+        note=f"synthetic backend, {args.rounds} rounds",
+    )
 
 
 if __name__ == "__main__":

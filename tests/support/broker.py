@@ -76,6 +76,7 @@ class MosquittoBroker:
         acl: Sequence[str] | None = None,
         message_size_limit: int | None = None,
         tls: TlsFiles | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         self.workdir = workdir
         self.port = port if port is not None else free_port()
@@ -83,6 +84,7 @@ class MosquittoBroker:
         self._acl = list(acl) if acl is not None else None
         self._message_size_limit = message_size_limit
         self.tls = tls
+        self._extra_config = list(extra_config)
         self._proc: subprocess.Popen[bytes] | None = None
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
@@ -146,6 +148,7 @@ class MosquittoBroker:
             acl_file = self.workdir / "acl"
             acl_file.write_text("\n".join(self._acl) + "\n")
             lines.append(f"acl_file {acl_file}")
+        lines += self._extra_config
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def start(self, timeout: float = 10.0) -> None:
