@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.db import Database, affected, paginate
-from controller.models import Device, Recording, Segment
+from controller.models import CaptureWindowRow, Device, Recording, Segment
 from controller.registry import UnknownDevice
 from controller.storage.base import Storage, StorageError
 from controller.views import Completeness, Page, RecordingView, SegmentView
@@ -460,8 +460,14 @@ class Catalogue:
             )
             recordings = session.scalars(window.query).all()
             stored = _stored_counts(session, [recording.id for recording in recordings])
+            titles = _titles(session, [r.window_id for r in recordings if r.window_id])
             items = [
-                _recording_view(recording, stored.get(recording.id, 0), [])
+                _recording_view(
+                    recording,
+                    stored.get(recording.id, 0),
+                    [],
+                    titles.get(recording.window_id or ""),
+                )
                 for recording in recordings
             ]
         return Page(items, window.total, window.page, window.per_page)
@@ -475,7 +481,8 @@ class Catalogue:
             segments = builtins.list(recording.segments)
             stored = sum(1 for segment in segments if segment.state == STORED)
             views = [self._segment_view(segment) for segment in segments]
-            return _recording_view(recording, stored, views)
+            titles = _titles(session, [recording.window_id] if recording.window_id else [])
+            return _recording_view(recording, stored, views, titles.get(recording.window_id or ""))
 
     def _segment_view(self, segment: Segment) -> SegmentView:
         url: str | None = None
@@ -594,8 +601,22 @@ def _manifest_document(recording: Recording) -> dict[str, Any]:
     }
 
 
+def _titles(session: Session, window_ids: builtins.list[str]) -> dict[str, str]:
+    if not window_ids:
+        return {}
+    rows = session.execute(
+        select(CaptureWindowRow.window_id, CaptureWindowRow.title).where(
+            CaptureWindowRow.window_id.in_(window_ids)
+        )
+    )
+    return {window_id: title for window_id, title in rows}
+
+
 def _recording_view(
-    recording: Recording, stored: int, segments: builtins.list[SegmentView]
+    recording: Recording,
+    stored: int,
+    segments: builtins.list[SegmentView],
+    title: str | None = None,
 ) -> RecordingView:
     return RecordingView(
         id=recording.id,
@@ -615,4 +636,5 @@ def _recording_view(
         completeness=completeness(recording.status, recording.segments_reported, stored),
         segments=segments,
         manifest_key=recording.manifest_key,
+        title=title,
     )

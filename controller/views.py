@@ -112,3 +112,5 @@ class RecordingView:
     completeness: Completeness
     segments: list[SegmentView]
     manifest_key: str | None = None
+    # The scheduled lesson it records ("school · room · date · period"), if any.
+    title: str | None = None

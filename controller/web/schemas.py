@@ -200,6 +200,7 @@ class RecordingOut(_Out):
     segments_reported: int
     segments_stored: int
     completeness: str
+    title: str | None = None
 
 
 class RecordingDetailOut(RecordingOut):

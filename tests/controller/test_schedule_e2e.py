@@ -230,6 +230,7 @@ def test_back_to_back_periods_make_two_complete_recordings_named_by_their_window
     for recording, period in ((one, "Period 1"), (two, "Period 2")):
         start, end = lessons.window(period)
         assert recording.window_id.endswith(period.lower().replace(" ", "-"))
+        assert recording.title == f"{SCHOOL} · {ROOM} · {lessons.today:%Y-%m-%d} · {period}"
         assert recording.status == RecordingStatus.COMPLETE.value
         assert recording.end_reason == EndReason.SCHEDULE.value
         assert abs(recording.started_at - start) < SLACK
