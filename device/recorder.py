@@ -96,15 +96,24 @@ class Recorder:
         self._ended_listeners.append(listener)
 
     def start(
-        self, trigger: Trigger, window_id: str | None = None, gap: Gap | None = None
+        self,
+        trigger: Trigger,
+        window_id: str | None = None,
+        gap: Gap | None = None,
+        *,
+        announce_refusal: bool = True,
     ) -> Result:
-        """Starts a recording; ``gap`` is time its window lost before it (a late start)."""
+        """Starts a recording; ``gap`` is time its window lost before it (a late start).
+        ``announce_refusal=False`` refuses without an event (a retry of an announced one)."""
         with self._lock:
             if self._state is not RecorderState.IDLE and self._state is not RecorderState.ERROR:
                 return Result(False, f"already {self._state.value}", self.recording_id)
             allowed, why = self._spool.can_record()
             if not allowed:
-                self._event(EventKind.RECORDING_REFUSED, Severity.ERROR, f"cannot record: {why}")
+                if announce_refusal:
+                    self._event(
+                        EventKind.RECORDING_REFUSED, Severity.ERROR, f"cannot record: {why}"
+                    )
                 return Result(False, why)
             self._set_state(RecorderState.STARTING)
             recording_id = new_recording_id()

@@ -39,7 +39,12 @@ class ScheduleRecorder(Protocol):
     def recording_id(self) -> str | None: ...
 
     def start(
-        self, trigger: Trigger, window_id: str | None = None, gap: Gap | None = None
+        self,
+        trigger: Trigger,
+        window_id: str | None = None,
+        gap: Gap | None = None,
+        *,
+        announce_refusal: bool = True,
     ) -> Result: ...
 
     def stop(self, reason: EndReason) -> Result: ...
@@ -188,7 +193,11 @@ class WindowScheduler:
 
     def _start(self, window: CaptureWindow, now: datetime) -> None:
         gap = self._gap(window, now)
-        result = self._recorder.start(Trigger.SCHEDULE, window.window_id, gap)
+        # One refusal event per window, not one per retry.
+        retrying = window.window_id in self._retry_at
+        result = self._recorder.start(
+            Trigger.SCHEDULE, window.window_id, gap, announce_refusal=not retrying
+        )
         if not result.ok or result.recording_id is None:
             self._retry_at[window.window_id] = now + timedelta(seconds=RETRY_S)
             self._log_once(

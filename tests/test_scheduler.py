@@ -21,6 +21,8 @@ from device.spool import Spool
 from shared.messages import (
     CaptureWindow,
     EndReason,
+    Event,
+    EventKind,
     RecorderState,
     RecordingManifest,
     RecordingStatus,
@@ -80,6 +82,8 @@ class Unit:
     camera: MockCamera = field(default_factory=MockCamera)
     windows: list[CaptureWindow] = field(default_factory=list)
     now: datetime = T0
+    min_free_bytes: int = 0
+    events: list[Event] = field(default_factory=list)
     recorder: Recorder = field(init=False)
     scheduler: WindowScheduler = field(init=False)
 
@@ -91,8 +95,8 @@ class Unit:
         self.recorder = Recorder(
             self.camera,
             self.journal,
-            Spool(self.tmp_path / "spool", 0),
-            publish_event=lambda _event: None,
+            Spool(self.tmp_path / "spool", self.min_free_bytes),
+            publish_event=self.events.append,
             publish_manifest=lambda _manifest: None,
             on_state=lambda _state: None,
             video_codec="h264",
@@ -262,6 +266,21 @@ def test_mock_camera_refusal_retries_while_the_window_lasts(unit: Unit) -> None:
     assert unit.recorder.state is RecorderState.RECORDING
     [gap] = unit.manifest(recording_id).gaps
     assert (gap.start, gap.end) == (at(0), at(10))
+
+
+def test_mock_camera_disk_refusal_is_announced_once_per_window_not_per_retry(
+    tmp_path: Path,
+) -> None:
+    journal = Journal(tmp_path / "journal.sqlite3", "unit-sched")
+    try:
+        unit = Unit(tmp_path, journal, min_free_bytes=1 << 60)
+        unit.windows = [window("w", 0, 60)]
+        for seconds in (0, 5, 10, 15):
+            unit.tick(seconds)
+        assert unit.recorder.state is RecorderState.IDLE
+        assert [e.kind for e in unit.events] == [EventKind.RECORDING_REFUSED]
+    finally:
+        journal.close()
 
 
 def test_mock_camera_restart_after_power_loss_records_the_rest(unit: Unit) -> None:
