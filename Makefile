@@ -9,7 +9,7 @@ APT_PACKAGES := mosquitto mosquitto-clients ffmpeg fonts-dejavu-core python3-ven
 PYTEST_ARGS ?=
 export CLASSCAP_TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/test
 
-.PHONY: demo test lint unit bench deps clean
+.PHONY: demo test lint unit bench chaos deps clean
 
 demo: $(VENV)/.installed
 	$(PY) -m controller.demo
@@ -24,6 +24,10 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/run_all.py
+
+# A simulated school day with every fault (docs/simulator.md); about 40 minutes.
+chaos: $(VENV)/.installed
+	$(VENV)/bin/classcap sim run school-day
 
 .deps-apt:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \

@@ -274,10 +274,10 @@ class Registry:
             if device is None:
                 log.warning("health for unknown device ignored device=%s", device_id)
                 return
-            if _newer_sample_kept(device, health):
+            now = self._clock()
+            if _newer_sample_kept(device, health, now):
                 log.info("out-of-order health ignored device=%s ts=%s", device_id, health.ts)
                 return
-            now = self._clock()
             data = health.model_dump(mode="json", by_alias=True)
             device.state = health.state.value
             device.recording_id = health.recording_id
@@ -469,21 +469,28 @@ class Registry:
         return DesiredState.model_validate(document) if document else None
 
 
+# How far a unit's clock may run ahead of the controller's before its stamps stop counting.
+_CLOCK_AHEAD_TOLERANCE = timedelta(minutes=5)
+
+
 def _locked(session: Session, device_id: str) -> Device | None:
     return session.get(Device, device_id, with_for_update=True)
 
 
-def _newer_sample_kept(device: Device, health: Health) -> bool:
-    """Whether the stored latest sample is newer by the unit's own clock."""
+def _newer_sample_kept(device: Device, health: Health, now: datetime) -> bool:
+    """Whether the stored latest sample is newer by the unit's own clock. A kept sample
+    stamped in the controller's future came from a clock that was ahead and has since been
+    set back: it must not hide every later sample."""
     if device.health is None:
         return False
     kept = device.health.get("ts")
     if not isinstance(kept, str):
         return False
     try:
-        return datetime.fromisoformat(kept) > health.ts
+        kept_ts = datetime.fromisoformat(kept)
     except ValueError:
         return False
+    return kept_ts > health.ts and kept_ts <= now + _CLOCK_AHEAD_TOLERANCE
 
 
 def _open_kinds(session: Session, device_ids: builtins.list[str]) -> dict[str, set[str]]:

@@ -208,6 +208,16 @@ def test_an_older_health_sample_does_not_replace_a_newer_one(
     assert view is not None and view.health is not None and view.health["spool_segments"] == 5
 
 
+def test_health_after_a_units_clock_ran_ahead_and_was_set_back_is_taken_again(
+    registry: Registry, unit: str, clock: FakeClock
+) -> None:
+    registry.on_health(unit, health(clock, spool_segments=5, ts=clock() + timedelta(hours=1)))
+    clock.advance(10)
+    registry.on_health(unit, health(clock, spool_segments=7))
+    view = registry.get(unit)
+    assert view is not None and view.health is not None and view.health["spool_segments"] == 7
+
+
 # --- events and snapshots -------------------------------------------------------------------------
 
 
