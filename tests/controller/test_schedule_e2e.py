@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from controller.schedule_service import WindowStatus
+from controller.schedule_service import ScheduleService, TimelineEntry, WindowStatus
 from controller.schedules import ScheduleStore, with_bell_schedule
 from controller.service import ControllerService
 from device.journal import SegmentState
@@ -83,9 +83,10 @@ class Lessons:
         self.service = service
         self.device_id = device_id
         self.zone = _zone()
-        store = service.services.schedule_store
-        assert store is not None
+        store, schedules = service.services.schedule_store, service.services.schedules
+        assert store is not None and schedules is not None
         self.store: ScheduleStore = store
+        self.schedules: ScheduleService = schedules
         today = utcnow().astimezone(self.zone).date()
         school = School(
             name=SCHOOL,
@@ -140,29 +141,19 @@ class Lessons:
         self.refresh()
 
     def refresh(self) -> None:
-        schedules = self.service.services.schedules
-        assert schedules is not None
-        schedules.refresh(school_ids=[self.school_id])
+        self.schedules.refresh(school_ids=[self.school_id])
+
+    def _entry(self, period: str) -> TimelineEntry:
+        timeline = self.schedules.timeline(self.school_id, self.today, self.today)
+        [entry] = [e for e in timeline if e.period == period]
+        return entry
 
     def window(self, period: str) -> tuple[datetime, datetime]:
-        schedules = self.service.services.schedules
-        assert schedules is not None
-        [entry] = [
-            e
-            for e in schedules.timeline(self.school_id, self.today, self.today)
-            if e.period == period
-        ]
+        entry = self._entry(period)
         return entry.start, entry.end
 
     def status(self, period: str) -> WindowStatus:
-        schedules = self.service.services.schedules
-        assert schedules is not None
-        [entry] = [
-            e
-            for e in schedules.timeline(self.school_id, self.today, self.today)
-            if e.period == period
-        ]
-        return entry.status
+        return self._entry(period).status
 
     def applied(self) -> bool:
         view = self.service.services.registry.get(self.device_id)
