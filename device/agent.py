@@ -488,6 +488,7 @@ class Agent:
             "light": self.light.pattern.value,
             "light_on": self.light.is_lit,
             "connected": self.link.connected,
+            "subscribed": self.link.subscribed,
             "spool_segments": segments,
             "spool_bytes": spool_bytes,
             "rejected_messages": self._counters.rejected_messages,

@@ -149,7 +149,7 @@ class Unit:
             if proc.poll() is not None:
                 return True
             state = self.status()
-            return state is not None and (state["connected"] is True or not wait_connected)
+            return state is not None and (state["subscribed"] is True or not wait_connected)
 
         if not procs.wait_for(ready, _AGENT_START_S) or proc.poll() is not None:
             raise RuntimeError(f"unit {self.device_id} did not start; see {self.log_path}")

@@ -89,9 +89,9 @@ class AgentProcess:
         )
         assert wait_for(lambda: self._status() is not None, 20), self.log_tail()
         if wait_connected:
-            # A unit's first session only exists once it connected; commands sent
-            # before that would not be queued for it.
-            assert wait_for(lambda: self.status()["connected"] is True, 20), self.log_tail()
+            # A unit's first session only exists once the broker has its subscriptions;
+            # anything sent to it before that is not for it.
+            assert wait_for(lambda: self.status()["subscribed"] is True, 20), self.log_tail()
 
     def _status(self) -> dict[str, object] | None:
         if self.proc is None or self.proc.poll() is not None:
