@@ -31,7 +31,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -96,10 +96,10 @@ class Tally:
             self._expected, self._count = count, 0
             self._done.clear()
 
-    def add(self) -> None:
+    def add(self, count: int = 1) -> None:
         with self._lock:
-            self._count += 1
-            if self._count == self._expected:
+            self._count += count
+            if self._count >= self._expected and not self._done.is_set():
                 self._finished_at = time.monotonic()
                 self._done.set()
 
@@ -125,9 +125,9 @@ class CountingRegistry(Registry):
         super().__init__(*args, **kwargs)
         self.tally = Tally()
 
-    def on_health(self, device_id: str, health: Health) -> None:
-        super().on_health(device_id, health)
-        self.tally.add()
+    def on_health_batch(self, samples: Sequence[tuple[str, Health]]) -> None:
+        super().on_health_batch(samples)
+        self.tally.add(len(samples))
 
 
 @dataclass

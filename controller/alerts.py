@@ -11,7 +11,7 @@ hovering at a threshold does not flap.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -83,17 +83,26 @@ class AlertEngine:
 
     # --- from health ------------------------------------------------------------------------
 
-    def evaluate_health(self, session: Session, device: Device, health: Health) -> None:
-        """Raises and clears the health kinds for ``device`` inside the caller's transaction."""
-        open_alerts = _open_alerts(session, device.id)
+    def evaluate_health(
+        self, session: Session, device: Device, health: Health, open_alerts: dict[str, Alert]
+    ) -> None:
+        """Raises and clears the health kinds for ``device`` inside the caller's transaction.
+
+        ``open_alerts`` is the unit's open alerts by kind (see ``open_alerts_of``); it is kept
+        up to date, so one batch may hold several samples of a unit."""
         for finding in self._findings(health, open_alerts):
             current = open_alerts.get(finding.kind)
             if finding.active is None:
                 continue
             if finding.active:
-                self._raise(session, device.id, finding, current)
+                if current is None:
+                    open_alerts[finding.kind] = self._raise(session, device.id, finding)
+                else:
+                    current.message = finding.message
+                    current.severity = finding.severity
             elif current is not None:
                 self._clear(current)
+                del open_alerts[finding.kind]
 
     def _findings(self, health: Health, open_alerts: dict[str, Alert]) -> list[_Finding]:
         t = self.thresholds
@@ -180,25 +189,19 @@ class AlertEngine:
         )
         return findings
 
-    def _raise(
-        self, session: Session, device_id: str, finding: _Finding, current: Alert | None
-    ) -> None:
-        if current is not None:
-            current.message = finding.message
-            current.severity = finding.severity
-            return
-        session.add(
-            Alert(
-                device_id=device_id,
-                kind=finding.kind.value,
-                severity=finding.severity,
-                message=finding.message,
-                raised_at=self._clock(),
-            )
+    def _raise(self, session: Session, device_id: str, finding: _Finding) -> Alert:
+        alert = Alert(
+            device_id=device_id,
+            kind=finding.kind.value,
+            severity=finding.severity,
+            message=finding.message,
+            raised_at=self._clock(),
         )
+        session.add(alert)
         log.info(
             "alert raised device=%s kind=%s message=%s", device_id, finding.kind, finding.message
         )
+        return alert
 
     def _clear(self, alert: Alert) -> None:
         alert.cleared_at = self._clock()
@@ -372,11 +375,17 @@ def set_alert(
     log.info("alert raised device=%s kind=%s message=%s", device_id, kind, message)
 
 
-def _open_alerts(session: Session, device_id: str) -> dict[str, Alert]:
-    alerts = session.scalars(
-        select(Alert).where(Alert.device_id == device_id, Alert.cleared_at.is_(None))
-    )
-    return {alert.kind: alert for alert in alerts}
+def open_alerts_of(session: Session, device_ids: Iterable[str]) -> dict[str, dict[str, Alert]]:
+    """Each unit's open alerts by kind, in one query (units with none map to an empty dict)."""
+    ids = sorted(set(device_ids))
+    found: dict[str, dict[str, Alert]] = {device_id: {} for device_id in ids}
+    for chunk in (ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)):
+        alerts = session.scalars(
+            select(Alert).where(Alert.device_id.in_(chunk), Alert.cleared_at.is_(None))
+        )
+        for alert in alerts:
+            found[alert.device_id][alert.kind] = alert
+    return found
 
 
 def _chunks(items: Sequence[tuple[str, datetime]]) -> list[Sequence[tuple[str, datetime]]]:

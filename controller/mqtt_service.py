@@ -3,7 +3,11 @@
 paho's network thread only parses and validates; each valid message goes to one
 of ``workers`` queues chosen by its unit, so one unit's messages are handled in
 the order they arrived while different units proceed in parallel, and no
-database or storage call ever delays paho's keepalives. Answers (grants,
+database or storage call ever delays paho's keepalives. There are two such sets
+of queues: messages whose handling waits on storage (segment announcements,
+upload results, manifests) have their own, so a stalled store delays only them,
+never a unit's presence, health or commands. A worker that finds health samples
+queued behind one another stores them in one transaction. Answers (grants,
 confirmations, commands, desired documents) are QoS 1 publishes that paho's
 thread writes.
 
@@ -75,6 +79,13 @@ _RECONNECT_MAX_S = 30
 # Answers paho holds while the broker is away; beyond this a publish fails (and is counted)
 # rather than growing without bound: units ask again for whatever was not answered.
 _MAX_QUEUED_PUBLISHES = 10_000
+# Handling these waits on storage; they have queues of their own (see the module docstring).
+_STORAGE_BOUND = (SegmentAnnouncement, UploadResult, RecordingManifest)
+# At most this many health samples are stored in one transaction; a worker waits this long
+# for more to join the first. A sample's cost is its statements, not its data: per-sample
+# transactions keep every worker busy at a few hundred a second.
+_HEALTH_BATCH_MAX = 200
+_HEALTH_LINGER_S = 0.05
 # How often manifests whose write to storage failed are tried again. On its own thread:
 # with storage down each try waits for the store's timeouts, which must not delay the
 # offline and command-expiry sweep.
@@ -116,6 +127,9 @@ class MqttService:
         self._queues: list[queue.Queue[_Work | None]] = [
             queue.Queue() for _ in range(self._broker.workers)
         ]
+        self._storage_queues: list[queue.Queue[_Work | None]] = [
+            queue.Queue() for _ in range(self._broker.workers)
+        ]
         self._threads: list[threading.Thread] = []
         self._client = self._make_client()
 
@@ -133,16 +147,30 @@ class MqttService:
         """Waits until the service is connected and its subscriptions are in place."""
         return self._connected.wait(timeout)
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Waits until every message taken in so far has been handled."""
+        deadline = time.monotonic() + timeout
+        for work in self._queues + self._storage_queues:
+            while work.unfinished_tasks:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.01)
+        return True
+
     def start(self) -> None:
         """Returns at once; connects in the background and reconnects until ``stop``."""
         if self._threads:
             raise RuntimeError("MQTT service already started")
-        for index, work in enumerate(self._queues):
-            self._threads.append(
-                threading.Thread(
-                    target=self._worker, args=(work,), name=f"mqtt-worker-{index}", daemon=True
+        for lane, queues in (("worker", self._queues), ("storage", self._storage_queues)):
+            for index, work in enumerate(queues):
+                self._threads.append(
+                    threading.Thread(
+                        target=self._worker,
+                        args=(work,),
+                        name=f"mqtt-{lane}-{index}",
+                        daemon=True,
+                    )
                 )
-            )
         self._threads.append(threading.Thread(target=self._sweeper, name="mqtt-sweep", daemon=True))
         self._threads.append(
             threading.Thread(target=self._manifest_catch_up, name="mqtt-manifests", daemon=True)
@@ -181,7 +209,7 @@ class MqttService:
         stopper.join(timeout)
         if stopper.is_alive():
             log.error("mqtt network loop did not stop within %.0f s", timeout)
-        for work in self._queues:
+        for work in self._queues + self._storage_queues:
             work.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
@@ -237,6 +265,7 @@ class MqttService:
             values.setdefault(name, 0.0)
         values["mqtt_connected"] = 1.0 if self.connected else 0.0
         values["mqtt_work_queue_depth"] = float(sum(q.qsize() for q in self._queues))
+        values["mqtt_storage_queue_depth"] = float(sum(q.qsize() for q in self._storage_queues))
         return values
 
     # --- paho's thread ----------------------------------------------------------------------
@@ -353,8 +382,9 @@ class MqttService:
         except DecodeError as exc:
             self._rejected(topic_name, exc.reason, payload)
             return
-        shard = zlib.crc32(parsed.device_id.encode()) % len(self._queues)
-        self._queues[shard].put(_Work(parsed.device_id, parsed.channel, message))
+        queues = self._storage_queues if isinstance(message, _STORAGE_BOUND) else self._queues
+        shard = zlib.crc32(parsed.device_id.encode()) % len(queues)
+        queues[shard].put(_Work(parsed.device_id, parsed.channel, message))
 
     def _rejected(self, topic_name: str, reason: str, payload: bytes) -> None:
         self._count("messages_rejected_total")
@@ -365,28 +395,65 @@ class MqttService:
     # --- workers ------------------------------------------------------------------------------
 
     def _worker(self, work: queue.Queue[_Work | None]) -> None:
+        # What ended a run of health samples; handled next, so each unit's order holds.
+        carried: list[_Work | None] = []
         while not self._stop.is_set():
-            item = work.get()
+            item = carried.pop() if carried else work.get()
             if item is None:
                 break
-            try:
-                self._handle(item)
-            except StorageError as exc:
-                # The unit gets no answer and asks again after its backoff.
-                self._count("storage_errors_total")
-                log.warning(
-                    "storage unavailable device=%s channel=%s error=%s",
-                    item.device_id,
-                    item.channel.value,
-                    exc,
-                )
-            except Exception:
-                self._count("handler_errors_total")
-                log.exception(
-                    "message handling failed device=%s channel=%s",
-                    item.device_id,
-                    item.channel.value,
-                )
+            if not isinstance(item.message, Health):
+                self._handle_one(item)
+                work.task_done()
+                continue
+            batch = [item]
+            until = time.monotonic() + _HEALTH_LINGER_S
+            while len(batch) < _HEALTH_BATCH_MAX:
+                try:
+                    queued = work.get(timeout=max(0.0, until - time.monotonic()))
+                except queue.Empty:
+                    break
+                if queued is None or not isinstance(queued.message, Health):
+                    carried.append(queued)
+                    break
+                batch.append(queued)
+            self._store_health(batch)
+            for _ in batch:
+                work.task_done()
+
+    def _store_health(self, batch: list[_Work]) -> None:
+        known = self._known_units([item.device_id for item in batch])
+        samples = [
+            (item.device_id, item.message)
+            for item in batch
+            if isinstance(item.message, Health) and item.device_id in known
+        ]
+        try:
+            self._registry.on_health_batch(samples)
+        except Exception:
+            log.exception("health batch failed, storing one by one samples=%d", len(samples))
+            # One bad sample must not cost the others theirs.
+            for item in batch:
+                self._handle_one(item)
+
+    def _handle_one(self, item: _Work) -> None:
+        try:
+            self._handle(item)
+        except StorageError as exc:
+            # The unit gets no answer and asks again after its backoff.
+            self._count("storage_errors_total")
+            log.warning(
+                "storage unavailable device=%s channel=%s error=%s",
+                item.device_id,
+                item.channel.value,
+                exc,
+            )
+        except Exception:
+            self._count("handler_errors_total")
+            log.exception(
+                "message handling failed device=%s channel=%s",
+                item.device_id,
+                item.channel.value,
+            )
 
     def _handle(self, item: _Work) -> None:
         device_id, message = item.device_id, item.message
@@ -451,25 +518,37 @@ class MqttService:
                 self.publish_desired(device_id, desired)
 
     def _is_known(self, device_id: str) -> bool:
+        return device_id in self._known_units([device_id])
+
+    def _known_units(self, device_ids: list[str]) -> set[str]:
+        """The enrolled ones among ``device_ids`` (one per message), asking the registry in
+        one query about those not seen lately; each message from another unit is counted."""
         now = time.monotonic()
         with self._lock:
-            seen = self._known.get(device_id)
-        if seen is not None and now - seen < _KNOWN_TTL_S:
-            return True
-        if self._registry.known(device_id):
+            known = {d for d in device_ids if now - self._known.get(d, -math.inf) < _KNOWN_TTL_S}
+        unsure = set(device_ids) - known
+        if unsure:
+            enrolled = self._registry.known_among(unsure)
+            known |= enrolled
             with self._lock:
-                self._known[device_id] = now
-                self._unknown_logged.discard(device_id)
-            return True
-        self._count("messages_unknown_unit_total")
-        with self._lock:
-            self._known.pop(device_id, None)
-            first = device_id not in self._unknown_logged
-            if first and len(self._unknown_logged) < _UNKNOWN_LOGGED_MAX:
-                self._unknown_logged.add(device_id)
-        if first:
+                for device_id in enrolled:
+                    self._known[device_id] = now
+                    self._unknown_logged.discard(device_id)
+        first_seen: list[str] = []
+        for device_id in device_ids:
+            if device_id in known:
+                continue
+            self._count("messages_unknown_unit_total")
+            with self._lock:
+                self._known.pop(device_id, None)
+                if device_id in self._unknown_logged:
+                    continue
+                if len(self._unknown_logged) < _UNKNOWN_LOGGED_MAX:
+                    self._unknown_logged.add(device_id)
+            first_seen.append(device_id)
+        for device_id in first_seen:
             log.warning("message from unregistered unit ignored device=%s", device_id)
-        return False
+        return known
 
     # --- periodic -------------------------------------------------------------------------------
 

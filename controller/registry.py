@@ -13,7 +13,7 @@ import binascii
 import builtins
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy import and_, case, delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from controller.alerts import AlertEngine
+from controller.alerts import AlertEngine, open_alerts_of
 from controller.db import Database, affected, paginate
 from controller.models import Alert, Device, DeviceEvent, HealthSample
 from controller.views import DeviceView, Page
@@ -133,8 +133,15 @@ class Registry:
             return _view(device, sorted(_open_kinds(session, [device_id])[device_id]))
 
     def known(self, device_id: str) -> bool:
+        return bool(self.known_among([device_id]))
+
+    def known_among(self, device_ids: Iterable[str]) -> set[str]:
+        """Which of these units are enrolled."""
+        found: set[str] = set()
         with self._db.session(readonly=True) as session:
-            return session.scalar(select(Device.id).where(Device.id == device_id)) is not None
+            for chunk in _chunks(sorted(set(device_ids))):
+                found.update(session.scalars(select(Device.id).where(Device.id.in_(chunk))))
+        return found
 
     def device_ids(self, school: str | None = None) -> builtins.list[str]:
         query = select(Device.id).order_by(Device.id)
@@ -269,35 +276,67 @@ class Registry:
     # --- health -----------------------------------------------------------------------------
 
     def on_health(self, device_id: str, health: Health) -> None:
-        with self._db.session(durable=False) as session:
-            device = _locked(session, device_id)
-            if device is None:
-                log.warning("health for unknown device ignored device=%s", device_id)
-                return
-            now = self._clock()
-            if _newer_sample_kept(device, health, now):
-                log.info("out-of-order health ignored device=%s ts=%s", device_id, health.ts)
-                return
-            data = health.model_dump(mode="json", by_alias=True)
-            device.state = health.state.value
-            device.recording_id = health.recording_id
-            device.health = data
-            device.health_at = now
-            device.last_seen_at = now
-            device.agent_version = health.agent_version
-            self._keep_history(session, device_id, data, now)
-            self._alerts.evaluate_health(session, device, health)
+        self.on_health_batch([(device_id, health)])
 
-    def _keep_history(
-        self, session: Session, device_id: str, data: dict[str, Any], now: datetime
-    ) -> None:
-        last = session.scalar(
-            select(func.max(HealthSample.ts)).where(HealthSample.device_id == device_id)
-        )
-        if last is not None and now - last < self._history_interval:
+    def on_health_batch(self, samples: Sequence[tuple[str, Health]]) -> None:
+        """Stores samples of many units in one transaction, each unit's in the order given.
+
+        At a fleet's scale the cost of a sample is its statements, not its data, so a batch
+        reads every unit, open alert and last history stamp it needs in three queries."""
+        if not samples:
             return
-        session.add(HealthSample(device_id=device_id, ts=now, data=data))
-        session.flush()
+        ids = sorted({device_id for device_id, _ in samples})
+        with self._db.session(durable=False) as session:
+            devices: dict[str, Device] = {}
+            for chunk in _chunks(ids):
+                # In id order, so two controllers locking overlapping batches cannot deadlock.
+                rows = session.scalars(
+                    select(Device).where(Device.id.in_(chunk)).order_by(Device.id).with_for_update()
+                )
+                devices.update((device.id, device) for device in rows)
+            open_alerts = open_alerts_of(session, devices)
+            last_history = self._last_history(session, list(devices))
+            now = self._clock()
+            sampled: set[str] = set()
+            for device_id, health in samples:
+                device = devices.get(device_id)
+                if device is None:
+                    log.warning("health for unknown device ignored device=%s", device_id)
+                    continue
+                if _newer_sample_kept(device, health):
+                    log.info("out-of-order health ignored device=%s ts=%s", device_id, health.ts)
+                    continue
+                data = health.model_dump(mode="json", by_alias=True)
+                device.state = health.state.value
+                device.recording_id = health.recording_id
+                device.health = data
+                device.health_at = now
+                device.last_seen_at = now
+                device.agent_version = health.agent_version
+                last = last_history.get(device_id)
+                if last is None or now - last >= self._history_interval:
+                    session.add(HealthSample(device_id=device_id, ts=now, data=data))
+                    last_history[device_id] = now
+                    sampled.add(device_id)
+                self._alerts.evaluate_health(session, device, health, open_alerts[device_id])
+            session.flush()
+            for device_id in sorted(sampled):
+                self._prune_history(session, device_id)
+
+    def _last_history(
+        self, session: Session, device_ids: builtins.list[str]
+    ) -> dict[str, datetime]:
+        last: dict[str, datetime] = {}
+        for chunk in _chunks(device_ids):
+            rows = session.execute(
+                select(HealthSample.device_id, func.max(HealthSample.ts))
+                .where(HealthSample.device_id.in_(chunk))
+                .group_by(HealthSample.device_id)
+            )
+            last.update((device_id, ts) for device_id, ts in rows)
+        return last
+
+    def _prune_history(self, session: Session, device_id: str) -> None:
         cutoff = session.execute(
             select(HealthSample.ts, HealthSample.id)
             .where(HealthSample.device_id == device_id)
@@ -469,18 +508,21 @@ class Registry:
         return DesiredState.model_validate(document) if document else None
 
 
-# How far a unit's clock may run ahead of the controller's before its stamps stop counting.
-_CLOCK_AHEAD_TOLERANCE = timedelta(minutes=5)
+# Samples a unit sent this close together may arrive swapped (across a reconnect); a sample
+# further behind the kept one means the unit's clock was stepped back.
+_REORDER_WINDOW = timedelta(minutes=5)
+# Keeps IN (...) lists well inside every backend's parameter limit.
+_CHUNK = 500
 
 
 def _locked(session: Session, device_id: str) -> Device | None:
     return session.get(Device, device_id, with_for_update=True)
 
 
-def _newer_sample_kept(device: Device, health: Health, now: datetime) -> bool:
-    """Whether the stored latest sample is newer by the unit's own clock. A kept sample
-    stamped in the controller's future came from a clock that was ahead and has since been
-    set back: it must not hide every later sample."""
+def _newer_sample_kept(device: Device, health: Health) -> bool:
+    """Whether the stored latest sample is a little newer by the unit's own clock: samples
+    reordered on the way. One far newer came from a clock that has since been stepped (set
+    back after running ahead, or a bad time source): it must not hide every later sample."""
     if device.health is None:
         return False
     kept = device.health.get("ts")
@@ -490,7 +532,11 @@ def _newer_sample_kept(device: Device, health: Health, now: datetime) -> bool:
         kept_ts = datetime.fromisoformat(kept)
     except ValueError:
         return False
-    return kept_ts > health.ts and kept_ts <= now + _CLOCK_AHEAD_TOLERANCE
+    return timedelta(0) < kept_ts - health.ts <= _REORDER_WINDOW
+
+
+def _chunks(ids: builtins.list[str]) -> builtins.list[builtins.list[str]]:
+    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
 
 
 def _open_kinds(session: Session, device_ids: builtins.list[str]) -> dict[str, set[str]]:

@@ -20,7 +20,7 @@ from device.commands import CommandProcessor, Outcome
 from device.config import AgentConfig
 from device.control_socket import ControlServer, drive_press
 from device.desired import DesiredStateStore
-from device.health import HealthProbe
+from device.health import HealthProbe, read_clock
 from device.journal import Journal
 from device.light import Light, LightPattern, make_pin_factory
 from device.link import Link
@@ -28,6 +28,7 @@ from device.recorder import Recorder
 from device.scheduler import WindowScheduler
 from device.segment_intake import SegmentIntake
 from device.segment_watcher import SegmentWatcher
+from device.simulated_clock import SimulatedClock
 from device.spool import Spool
 from device.supervision import Supervisor
 from device.uploader import Uploader
@@ -148,13 +149,18 @@ class Agent:
             pin_factory=pin_factory,
             double_press_enabled=lambda: self.recorder.state is RecorderState.RECORDING,
         )
+        clock = SimulatedClock() if config.system.simulated_clock else None
         self.control = ControlServer(
-            config.system.control_socket, on_press=self._simulated_press, status=self.status
+            config.system.control_socket,
+            on_press=self._simulated_press,
+            status=self.status,
+            on_clock=clock.set if clock is not None else None,
         )
         self.health = HealthProbe(
             config.data_dir,
             self._started,
             config.capture.audio_device if config.capture.backend == "picamera2" else None,
+            clock_reader=clock.read if clock is not None else read_clock,
         )
         self.supervisor = Supervisor(healthy=self._healthy)
         self._apply_settings(self.desired.current)

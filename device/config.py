@@ -121,6 +121,11 @@ class HealthConfig(_Section):
 class SystemConfig(_Section):
     reboot_command: list[str] = Field(default_factory=lambda: ["systemctl", "reboot"])
     control_socket: Path = Path("/run/classcap/agent.sock")
+    simulated_clock: bool = Field(
+        default=False,
+        description="simulated unit: the control socket may set the wall clock off, "
+        "to rehearse a clock that jumps",
+    )
 
 
 class AgentConfig(_Section):

@@ -4,6 +4,9 @@ Protocol: the client sends one JSON object on one line and reads one JSON line b
 
 - ``{"op": "press", "kind": "short"|"long"|"double"}`` -> ``{"ok": true}``
 - ``{"op": "status"}`` -> ``{"ok": true, "status": {...}}``
+- ``{"op": "clock", "offset_s": <number>, "synced": <bool>}`` -> ``{"ok": true}``: sets a
+  simulated unit's wall clock ``offset_s`` off the kernel's (``system.simulated_clock``);
+  refused on a unit whose clock is the kernel's
 - anything else -> ``{"ok": false, "error": "<reason>"}``
 
 The socket is mode 0660: the agent's user and group may drive the unit, nobody else.
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -23,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from device.button import PressKind
+from device.simulated_clock import MAX_OFFSET_S
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,13 @@ class ControlServer:
         path: Path,
         on_press: Callable[[PressKind], object],
         status: Callable[[], dict[str, object]],
+        on_clock: Callable[[float, bool], object] | None = None,
     ) -> None:
+        """``on_clock`` sets a simulated clock; None: the unit's clock is not simulated."""
         self._path = path
         self._on_press = on_press
         self._status = status
+        self._on_clock = on_clock
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self._inode: int | None = None
@@ -245,7 +253,34 @@ class ControlServer:
             except Exception as exc:
                 log.exception("control status failed")
                 return _refuse(f"status failed: {exc}")
-        return _refuse(f"unknown op {op!r}; expected 'press' or 'status'")
+        if op == "clock":
+            return self._clock(request)
+        return _refuse(f"unknown op {op!r}; expected 'press', 'status' or 'clock'")
+
+    def _clock(self, request: dict[str, object]) -> dict[str, object]:
+        if self._on_clock is None:
+            return _refuse("clock is not simulated on this unit")
+        offset_s, synced = request.get("offset_s"), request.get("synced")
+        # JSON true is a Python int: a bool is no offset. The bound comes before isfinite,
+        # which cannot take an integer too large for a float.
+        if (
+            not isinstance(offset_s, int | float)
+            or isinstance(offset_s, bool)
+            or abs(offset_s) > MAX_OFFSET_S
+            or not math.isfinite(offset_s)
+        ):
+            return _refuse(
+                f"bad clock offset_s {offset_s!r}; expected a number of seconds "
+                f"within +-{MAX_OFFSET_S:.0f}"
+            )
+        if not isinstance(synced, bool):
+            return _refuse(f"bad clock synced {synced!r}; expected true or false")
+        try:
+            self._on_clock(float(offset_s), synced)
+        except Exception as exc:
+            log.exception("control clock failed")
+            return _refuse(f"clock failed: {exc}")
+        return {"ok": True}
 
 
 def _refuse(reason: str) -> dict[str, object]:
@@ -278,6 +313,11 @@ def _read_line(conn: socket.socket, limit: int) -> bytes:
 def send_press(path: Path, kind: PressKind, timeout: float = 5.0) -> None:
     """Press the running agent's button. A simulated long press takes long_press_s + 0.3 s."""
     _request(path, {"op": "press", "kind": PressKind(kind).value}, timeout)
+
+
+def send_clock(path: Path, offset_s: float, synced: bool, timeout: float = 5.0) -> None:
+    """Set a simulated unit's wall clock ``offset_s`` off the kernel's and its NTP state."""
+    _request(path, {"op": "clock", "offset_s": offset_s, "synced": synced}, timeout)
 
 
 def query_status(path: Path, timeout: float = 5.0) -> dict[str, object]:

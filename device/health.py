@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -318,7 +319,8 @@ class _MicMeter:
 
 
 class HealthProbe:
-    """Samples the unit's hardware. ``audio_device`` None means the unit records no audio."""
+    """Samples the unit's hardware. ``audio_device`` None means the unit records no audio;
+    ``clock_reader`` is the kernel's NTP state unless the unit's clock is simulated."""
 
     def __init__(
         self,
@@ -327,8 +329,10 @@ class HealthProbe:
         audio_device: str | None = None,
         *,
         command_timeout_s: float = COMMAND_TIMEOUT_S,
+        clock_reader: Callable[[], ClockState | None] = read_clock,
     ) -> None:
         self._data_dir = data_dir
+        self._read_clock = clock_reader
         self._started = started_monotonic
         self._timeout = command_timeout_s
         self._vcgencmd = shutil.which("vcgencmd")
@@ -337,7 +341,7 @@ class HealthProbe:
 
     def sample(self, recording: bool) -> HardwareHealth:
         """While ``recording`` the recording owns the microphone; the meter stays off it."""
-        clock = read_clock()
+        clock = self._read_clock()
         free, total = self._disk()
         return HardwareHealth(
             soc_temp_c=self._soc_temp(),

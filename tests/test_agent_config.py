@@ -35,6 +35,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
     config = load_agent_config(path)
     assert config.capture.segment_seconds == 60
     assert config.broker.port == 1883
+    assert config.system.simulated_clock is False  # a real unit's clock is the kernel's
     assert run_check(path).returncode == 0
 
 
@@ -48,6 +49,7 @@ def test_good_config_loads_with_defaults(tmp_path: Path) -> None:
         (GOOD + "\n[upload]\nconcurrency = 99\n", "upload.concurrency"),
         (GOOD + '\ncolour = "blue"\n', "colour: unknown key"),
         (GOOD + "\n[spool]\nmin_free = 5\n", "spool.min_free: unknown key"),
+        (GOOD + '\n[system]\nsimulated_clock = "sometimes"\n', "system.simulated_clock"),
         (GOOD.replace('"room-204"', '"Room 204!"'), "device_id"),
         (GOOD.replace("mqtt://127.0.0.1:1883", "http://broker"), "broker.url"),
         (GOOD.replace("mqtt://127.0.0.1:1883", "mqtt://broker:99999"), "broker.url"),

@@ -23,8 +23,12 @@ from device.control_socket import (
     ControlServer,
     drive_press,
     query_status,
+    send_clock,
     send_press,
 )
+from device.health import ClockState
+from device.simulated_clock import SimulatedClock
+from shared import clock
 from tests.support.processes import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +183,7 @@ def test_server_creates_missing_directory(sock_dir: Path, agent: Agent) -> None:
     [
         (b"not json\n", "request is not JSON"),
         (b"[1, 2]\n", "not a JSON object"),
-        (b'{"op": "explode"}\n', "unknown op 'explode'"),
+        (b'{"op": "explode"}\n', "unknown op 'explode'; expected 'press', 'status' or 'clock'"),
         (b'{"op": "press", "kind": "triple"}\n', "unknown press kind 'triple'"),
         (b'{"op": "press"}\n', "unknown press kind None"),
         (b'{"op": "press", "kind": ["short"]}\n', "unknown press kind ['short']"),
@@ -255,3 +259,83 @@ def test_press_socket_mock_pins_drive_real_button_code(sock_dir: Path) -> None:
     finally:
         srv.stop()
         button.close()
+
+
+# --- a simulated unit's clock ------------------------------------------------------------
+
+
+@pytest.fixture
+def simulated_clock() -> Iterator[SimulatedClock]:
+    simulated = SimulatedClock()
+    yield simulated
+    clock.set_offset(0)
+
+
+@pytest.fixture
+def clock_server(
+    sock_dir: Path, agent: Agent, simulated_clock: SimulatedClock
+) -> Iterator[ControlServer]:
+    srv = ControlServer(
+        sock_dir / "agent.sock", agent.on_press, agent.status, on_clock=simulated_clock.set
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_clock_set_from_another_process_moves_the_simulated_clock(
+    clock_server: ControlServer, simulated_clock: SimulatedClock
+) -> None:
+    code = (
+        "import sys; from pathlib import Path; from device.control_socket import send_clock; "
+        "send_clock(Path(sys.argv[1]), -86400, synced=False)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(clock_server.path)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert clock.offset() == -86400.0
+    assert simulated_clock.read() == ClockState(synced=False, offset_ms=None)
+    send_clock(clock_server.path, 0, synced=True)
+    assert clock.offset() == 0.0
+    assert simulated_clock.read() == ClockState(synced=True, offset_ms=0.0)
+
+
+def test_clock_is_refused_on_a_unit_whose_clock_is_not_simulated(server: ControlServer) -> None:
+    with pytest.raises(ControlError, match="agent refused: clock is not simulated on this unit"):
+        send_clock(server.path, -86400, synced=False)
+    assert clock.offset() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b'{"op": "clock", "synced": false}\n', "bad clock offset_s None"),
+        (
+            b'{"op": "clock", "offset_s": "-86400", "synced": false}\n',
+            "bad clock offset_s '-86400'",
+        ),
+        (b'{"op": "clock", "offset_s": true, "synced": false}\n', "bad clock offset_s True"),
+        (b'{"op": "clock", "offset_s": NaN, "synced": false}\n', "bad clock offset_s nan"),
+        (b'{"op": "clock", "offset_s": 1e400, "synced": false}\n', "bad clock offset_s inf"),
+        (b'{"op": "clock", "offset_s": -315576001, "synced": false}\n', "within +-315576000"),
+        (b'{"op": "clock", "offset_s": 1' + b"0" * 400 + b', "synced": false}\n', "bad clock"),
+        (b'{"op": "clock", "offset_s": 60}\n', "bad clock synced None"),
+        (b'{"op": "clock", "offset_s": 60, "synced": 0}\n', "bad clock synced 0"),
+        (b'{"op": "clock", "offset_s": 60, "synced": "false"}\n', "bad clock synced 'false'"),
+    ],
+)
+def test_bad_clock_requests_get_reasons_and_change_nothing(
+    clock_server: ControlServer, simulated_clock: SimulatedClock, payload: bytes, error: str
+) -> None:
+    reply = _raw(clock_server.path, payload)
+    assert reply["ok"] is False
+    assert error in str(reply["error"])
+    assert clock.offset() == 0.0
+    assert simulated_clock.read().synced is True
+    send_clock(clock_server.path, 7200.5, synced=False)  # still serving
+    assert clock.offset() == 7200.5

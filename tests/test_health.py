@@ -7,6 +7,7 @@ import os
 import shutil
 import time
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from device.health import (
     STA_NANO,
     STA_UNSYNC,
     TIME_ERROR,
+    ClockState,
     HealthProbe,
     clock_state,
     decode_throttled,
@@ -27,6 +29,8 @@ from device.health import (
     read_clock,
     read_thermal_zone,
 )
+from device.simulated_clock import SimulatedClock
+from shared.clock import set_offset
 from shared.messages import Throttling
 
 # --- throttling -----------------------------------------------------------------------
@@ -103,6 +107,34 @@ def test_read_clock_on_this_machine() -> None:
     assert state is not None  # adjtimex(2) answers unprivileged reads on Linux
     assert isinstance(state.synced, bool)
     assert (state.offset_ms is None) == (not state.synced)
+
+
+@pytest.fixture
+def simulated_clock() -> Iterator[SimulatedClock]:
+    clock = SimulatedClock()
+    yield clock
+    set_offset(0)
+
+
+def test_probe_reports_a_simulated_clock_instead_of_the_kernel_s(
+    tmp_path: Path, simulated_clock: SimulatedClock
+) -> None:
+    probe = HealthProbe(tmp_path, time.monotonic(), clock_reader=simulated_clock.read)
+    health = probe.sample(recording=False)
+    assert (health.clock_synced, health.clock_offset_ms) == (True, 0.0)
+    simulated_clock.set(-86400, synced=False)
+    health = probe.sample(recording=False)
+    assert (health.clock_synced, health.clock_offset_ms) == (False, None)
+
+
+def test_probe_clock_reader_that_knows_nothing_gives_unknown(tmp_path: Path) -> None:
+    probe = HealthProbe(tmp_path, time.monotonic(), clock_reader=lambda: None)
+    health = probe.sample(recording=False)
+    assert (health.clock_synced, health.clock_offset_ms) == (None, None)
+    slewing = HealthProbe(
+        tmp_path, time.monotonic(), clock_reader=lambda: ClockState(synced=True, offset_ms=-2.5)
+    )
+    assert slewing.sample(recording=False).clock_offset_ms == -2.5
 
 
 # --- microphone level -------------------------------------------------------------------

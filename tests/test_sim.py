@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from controller.sim.fleet import unit_settings
 from controller.sim.lessons import LessonError, auto_zone, build_school
 from controller.sim.procs import steady_port
 from controller.sim.scenario import SCENARIO_DIR, FaultKind, Scenario, load_scenario
 from controller.sim.storage_proxy import ProxyMode, StorageProxy
 from controller.storage.s3 import S3Settings, S3Storage
+from device.config import AgentConfig
 from device.http_put import PutError, put_file
 from tests.support.processes import wait_for
 from tests.support.s3 import PREFIX
@@ -113,11 +115,56 @@ def test_a_valid_scenario_names_its_units() -> None:
             {"faults": [{"at_s": 20, "kind": "agent_kill", "unit": "sim-01", "duration_s": 3}]},
             "ends before the offline alert is due",
         ),
+        ({"faults": [{"at_s": 20, "kind": "clock_jump"}]}, "clock_jump needs unit"),
+        (
+            {"faults": [{"at_s": 20, "kind": "clock_jump", "unit": "sim-01", "offset_s": 0}]},
+            "offset_s must not be 0",
+        ),
+        (
+            {"faults": [{"at_s": 20, "kind": "clock_jump", "unit": "sim-01", "offset_s": 4e8}]},
+            "offset_s",
+        ),
+        (
+            {"faults": [{"at_s": 20, "kind": "clock_jump", "unit": "sim-01", "offset_s": "nan"}]},
+            "offset_s",
+        ),
+        (
+            {"faults": [{"at_s": 20, "kind": "agent_kill", "unit": "sim-01", "offset_s": -60}]},
+            "agent_kill takes no offset_s",
+        ),
+        (
+            {
+                "faults": [
+                    {"at_s": 20, "kind": "clock_jump", "unit": "sim-01", "duration_s": 30},
+                    {"at_s": 40, "kind": "disk_full", "unit": "sim-01", "duration_s": 10},
+                ]
+            },
+            "on unit sim-01 overlap",
+        ),
     ],
 )
 def test_a_bad_scenario_is_refused_with_the_reason(changes: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Scenario.model_validate(_scenario(**changes))
+
+
+def test_a_clock_jump_defaults_to_a_day_behind_and_expects_clock_unsynced() -> None:
+    faults = [
+        {"at_s": 20, "kind": "clock_jump", "unit": "sim-01"},
+        {"at_s": 20, "kind": "clock_jump", "unit": "sim-03", "offset_s": 7200},
+    ]
+    behind, ahead = Scenario.model_validate(_scenario(faults=faults)).faults
+    assert (behind.offset_s, ahead.offset_s) == (-86400, 7200)
+    assert behind.alerts() == ("clock_unsynced",)
+    assert behind.target == "unit sim-01"
+
+
+def test_simulated_units_have_a_clock_the_simulator_can_set(tmp_path: Path) -> None:
+    settings = unit_settings(tmp_path / "sim-01", load_scenario(SCENARIO_DIR / "ci.toml").fleet)
+    broker = {**settings["broker"], "url": "mqtt://127.0.0.1:1883"}  # type: ignore[dict-item]
+    config = AgentConfig.model_validate({**settings, "device_id": "sim-01", "broker": broker})
+    assert config.system.simulated_clock is True
+    assert config.gpio.mock is True
 
 
 def test_faults_on_different_targets_may_overlap() -> None:

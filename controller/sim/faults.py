@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from controller.sim import hostile, procs
-from controller.sim.api import ControllerApi
+from controller.sim.api import ControllerApi, parse_time
 from controller.sim.checks import (
     Check,
     FaultRecord,
@@ -84,9 +84,12 @@ class Fault(ABC):
         pid = self.unit.proc.pid if self.unit.proc else "-"
         self.record.note(f"agent started again pid={pid}")
 
-    def _health_says(self, name: str, since: datetime, wanted: dict[str, Any]) -> None:
+    def _health_says(
+        self, name: str, since: datetime, wanted: dict[str, Any], *, stamped_since: bool = False
+    ) -> None:
         """Checks, later, that the controller takes health from the unit, sent after
-        ``since``, whose fields have the ``wanted`` values."""
+        ``since``, whose fields have the ``wanted`` values; with ``stamped_since`` the unit's
+        own stamp on it must be after ``since`` too."""
         api, device = self.fleet.api, self.unit.device_id
 
         def matches() -> bool:
@@ -95,6 +98,7 @@ class Fault(ABC):
                 health is not None
                 and at > since
                 and all(health.get(k) == v for k, v in wanted.items())
+                and (not stamped_since or parse_time(health["ts"]) > since)
             )
 
         def check() -> Check:
@@ -308,6 +312,30 @@ class HostileMessages(Fault):
         self._restart_unit()
 
 
+class ClockJump(Fault):
+    """The unit's wall clock is set ``offset_s`` off and unsynchronised, as on a Pi without
+    a real-time clock that booted on a stale saved time; at the end NTP steps it right."""
+
+    def start(self) -> None:
+        offset_s = self.spec.offset_s
+        before = utcnow()
+        self.unit.set_clock(offset_s, synced=False)
+        self.record.note(f"unit clock set {offset_s:+g} s off, unsynchronised")
+        self._health_says("unit reports its clock unsynchronised", before, {"clock_synced": False})
+
+    def end(self) -> None:
+        before = utcnow()
+        self.unit.set_clock(0.0, synced=True)
+        self.record.note("unit clock stepped right by NTP, synchronised")
+        # Health stamped by the corrected clock must count again, whichever way it jumped.
+        self._health_says(
+            "health taken again after clock set right",
+            before,
+            {"clock_synced": True},
+            stamped_since=True,
+        )
+
+
 _KINDS: dict[FaultKind, type[Fault]] = {
     FaultKind.AGENT_KILL: AgentKill,
     FaultKind.AGENT_KILL_UPLOADING: AgentKillUploading,
@@ -318,6 +346,7 @@ _KINDS: dict[FaultKind, type[Fault]] = {
     FaultKind.STORAGE_UNREACHABLE: StorageFault,
     FaultKind.DISK_FULL: DiskFull,
     FaultKind.HOSTILE_MESSAGES: HostileMessages,
+    FaultKind.CLOCK_JUMP: ClockJump,
 }
 
 

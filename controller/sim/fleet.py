@@ -26,7 +26,7 @@ from controller.provision import TomlValue, toml_text
 from controller.sim import procs
 from controller.sim.scenario import FleetSpec
 from device.button import PressKind
-from device.control_socket import ControlError, query_status, send_press
+from device.control_socket import ControlError, query_status, send_clock, send_press
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +176,10 @@ class Unit:
         """Raises ControlError when the agent cannot be reached."""
         send_press(self.socket, PressKind(kind), timeout=10)
 
+    def set_clock(self, offset_s: float, synced: bool) -> None:
+        """Sets the agent's simulated wall clock; raises ControlError when it cannot."""
+        send_clock(self.socket, offset_s, synced, timeout=10)
+
     def agent_settings(self) -> dict[str, Any]:
         with self.config_path.open("rb") as handle:
             return tomllib.load(handle)
@@ -195,7 +199,8 @@ def stop_all(units: list[Unit]) -> None:
 
 
 def unit_settings(unit_dir: Path, fleet: FleetSpec) -> dict[str, TomlValue]:
-    """agent.toml keys of a simulated unit: cheap capture, mock pins, quick retries."""
+    """agent.toml keys of a simulated unit: cheap capture, mock pins, a clock the simulator
+    can set, quick retries."""
     if len(str(unit_dir / "agent.sock")) > _MAX_SOCKET_PATH:
         raise ValueError(f"{unit_dir} is too long a path for a control socket; use a shorter --dir")
     return {
@@ -225,5 +230,9 @@ def unit_settings(unit_dir: Path, fleet: FleetSpec) -> dict[str, TomlValue]:
             "spread_s": 0,
         },
         "health": {"interval_s": fleet.health_interval_s},
-        "system": {"reboot_command": [], "control_socket": unit_dir / "agent.sock"},
+        "system": {
+            "reboot_command": [],
+            "control_socket": unit_dir / "agent.sock",
+            "simulated_clock": True,
+        },
     }

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from device.simulated_clock import MAX_OFFSET_S
 from shared.configfile import load_toml_config
 from shared.schedule import Name
 
@@ -27,6 +28,7 @@ class FaultKind(StrEnum):
     STORAGE_UNREACHABLE = "storage_unreachable"
     DISK_FULL = "disk_full"
     HOSTILE_MESSAGES = "hostile_messages"
+    CLOCK_JUMP = "clock_jump"
 
 
 UNIT_FAULTS = frozenset(
@@ -35,6 +37,7 @@ UNIT_FAULTS = frozenset(
         FaultKind.AGENT_KILL_UPLOADING,
         FaultKind.DISK_FULL,
         FaultKind.HOSTILE_MESSAGES,
+        FaultKind.CLOCK_JUMP,
     }
 )
 _STORAGE_FAULTS = frozenset(
@@ -47,7 +50,10 @@ DEFAULT_ALERTS: dict[FaultKind, tuple[str, ...]] = {
     FaultKind.STORAGE_ERRORS: ("upload_backlog",),
     FaultKind.STORAGE_TIMEOUTS: ("upload_backlog",),
     FaultKind.STORAGE_UNREACHABLE: ("upload_backlog",),
+    FaultKind.CLOCK_JUMP: ("clock_unsynced",),
 }
+# A day behind: a Pi without a real-time clock that booted on a stale saved time.
+DEFAULT_CLOCK_OFFSET_S = -86400.0
 
 
 class _Model(BaseModel):
@@ -164,12 +170,21 @@ class FaultSpec(_Model):
     duration_s: float = Field(default=20, gt=0, le=6 * 3600)
     # Alert kinds this fault must raise and see cleared; None: the kind's default.
     expect_alerts: list[str] | None = None
+    # clock_jump only: how far the unit's wall clock is set off (negative: behind).
+    offset_s: float = Field(
+        default=DEFAULT_CLOCK_OFFSET_S, ge=-MAX_OFFSET_S, le=MAX_OFFSET_S, allow_inf_nan=False
+    )
 
     @model_validator(mode="after")
     def _target(self) -> FaultSpec:
         if (self.kind in UNIT_FAULTS) != (self.unit is not None):
             need = "needs" if self.kind in UNIT_FAULTS else "takes no"
             raise ValueError(f"fault {self.kind.value} {need} unit")
+        if self.kind is FaultKind.CLOCK_JUMP:
+            if self.offset_s == 0:
+                raise ValueError("a clock_jump's offset_s must not be 0")
+        elif "offset_s" in self.model_fields_set:
+            raise ValueError(f"fault {self.kind.value} takes no offset_s (clock_jump only)")
         return self
 
     @property

@@ -123,7 +123,9 @@ class S3Storage:
                 s3={"addressing_style": addressing},
                 retries={"mode": "standard", "max_attempts": 3},
                 connect_timeout=5,
-                read_timeout=60,
+                # The controller only sends small requests (HEAD, manifests, listings) and
+                # streams reads; 20 s without a byte is a stalled store, and the unit asks again.
+                read_timeout=20,
             ),
         )
 

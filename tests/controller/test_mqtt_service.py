@@ -8,7 +8,7 @@ import hashlib
 import itertools
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from controller.db import Database
 from controller.mqtt_service import MqttService
 from controller.registry import Registry
 from controller.service import alert_thresholds
+from controller.sim.storage_proxy import ProxyMode, StorageProxy
 from controller.storage.s3 import S3Storage
 from device.http_put import put_file
 from shared.clock import utcnow
@@ -48,7 +49,9 @@ from shared.messages import (
 )
 from shared.topics import Channel, topic
 from tests.support.broker import MosquittoBroker, MqttTestClient, Received
-from tests.support.processes import wait_for
+from tests.support.processes import free_port, wait_for
+from tests.support.s3 import storage_settings
+from tests.support.seaweed_server import SeaweedServer
 
 UNIT = "unit-a"
 _fences = itertools.count()
@@ -129,10 +132,11 @@ def _on(channel: Channel) -> Callable[[Received], bool]:
     return lambda m: m.topic == topic(UNIT, channel)
 
 
-def fence(unit: MqttTestClient) -> None:
+def fence(harness: Harness, unit: MqttTestClient) -> None:
     """Returns once the controller has handled everything the unit sent before and the
     answers to it have arrived: an upload report for a segment never announced is
-    answered (refused) in order with the unit's other messages."""
+    answered (refused) after the unit's earlier messages reached the controller, which
+    then finishes handling them."""
     marker = f"fence-{next(_fences)}"
     _send(
         unit,
@@ -140,6 +144,7 @@ def fence(unit: MqttTestClient) -> None:
         UploadResult(recording_id=marker, sequence=0, key="none", ok=False),
     )
     unit.wait_for(lambda m: m.topic == topic(UNIT, Channel.STORED) and marker.encode() in m.payload)
+    assert all(service.wait_idle(10) for service in harness.services)
 
 
 def _answers(unit: MqttTestClient, channel: Channel) -> list[Received]:
@@ -159,13 +164,13 @@ def test_presence_follows_the_epoch_rule_so_a_stale_will_never_wins(
     assert wait_for(lambda: _online(harness), 10)
     _send(unit, Channel.STATUS, Status(online=True, epoch=6))
     _send(unit, Channel.STATUS, Status(online=False, epoch=5))  # the old connection's will
-    fence(unit)
+    fence(harness, unit)
     view = harness.registry.get(UNIT)
     assert view is not None and view.online and view.agent_version == "0.1.0"
     _send(unit, Channel.STATUS, Status(online=False, epoch=6))
     assert wait_for(lambda: not _online(harness), 10)
     _send(unit, Channel.STATUS, Status(online=True, epoch=6))  # a replay of its own online
-    fence(unit)
+    fence(harness, unit)
     assert not _online(harness)
 
 
@@ -190,7 +195,7 @@ def test_bad_messages_are_counted_and_the_service_keeps_working(
     unit.publish(topic(UNIT, Channel.EVENT), b"")  # a cleared retained message
     _send(unit, Channel.STATUS, Status(online=True, epoch=2))
     assert wait_for(lambda: _online(harness), 10)
-    fence(unit)
+    fence(harness, unit)
     # Unshared and shared subscriptions arrive in separate streams: the fence orders
     # only the unit's own worker, so wait for the counters to settle.
     assert wait_for(
@@ -248,7 +253,7 @@ def test_segment_is_granted_uploaded_verified_and_confirmed_once(
     assert stored[0].size == len(data)
 
     _send(unit, Channel.SEGMENT, announcement)  # again, as after a crash before deleting
-    fence(unit)
+    fence(harness, unit)
     confirmations = [decode(StoredConfirmation, m.payload) for m in _answers(unit, Channel.STORED)]
     assert [c.verified for c in confirmations] == [True, True]
     assert len(_answers(unit, Channel.GRANT)) == 1
@@ -270,7 +275,7 @@ def test_an_upload_that_never_landed_is_refused_so_the_unit_keeps_its_copy(
         Channel.UPLOAD,
         UploadResult(recording_id="rec-2", sequence=0, key=grant.key, ok=True, http_status=200),
     )
-    fence(unit)
+    fence(harness, unit)
     (refusal,) = [decode(StoredConfirmation, m.payload) for m in _answers(unit, Channel.STORED)]
     assert not refusal.verified
     assert refusal.reason is not None and "not found" in refusal.reason
@@ -291,7 +296,7 @@ def test_command_waits_for_its_unit_then_goes_out_with_message_expiry(
         [UNIT], CommandAction.START_RECORDING, created_by="test", expires_in_s=300
     )
     service.send_command(queued.id)  # the unit is offline: it stays queued
-    fence(unit)
+    fence(harness, unit)
     assert _command_messages(unit) == []
     view = harness.commands.get(queued.id)
     assert view is not None and view.status == "queued"
@@ -309,7 +314,7 @@ def test_command_waits_for_its_unit_then_goes_out_with_message_expiry(
             Channel.COMMAND_RESULT,
             CommandResult(command_id=queued.id, status=status, recording_id="rec-9"),
         )
-    fence(unit)
+    fence(harness, unit)
     view = harness.commands.get(queued.id)
     assert view is not None and view.status == "done" and view.recording_id == "rec-9"
 
@@ -336,7 +341,7 @@ def test_expired_command_is_never_sent_and_is_marked_expired(
     _send(unit, Channel.STATUS, Status(online=True, epoch=1))
     assert wait_for(lambda: _online(harness), 10)
     service.send_command(short.id)
-    fence(unit)
+    fence(harness, unit)
     assert _command_messages(unit) == []
 
 
@@ -362,7 +367,7 @@ def test_desired_is_retained_and_sent_again_to_a_unit_that_runs_an_older_one(
     )
     _send(unit, Channel.STATUS, Status(online=False, epoch=1))
     _send(unit, Channel.STATUS, Status(online=True, epoch=2))
-    fence(unit)
+    fence(harness, unit)
     assert len(unit.messages(topic(UNIT, Channel.DESIRED))) == 2
     view = harness.registry.get(UNIT)
     assert view is not None and not view.drift
@@ -398,7 +403,7 @@ def test_health_events_and_snapshots_reach_the_registry(
             taken_at=utcnow(), width=320, height=240, jpeg_base64=base64.b64encode(jpeg).decode()
         ),
     )
-    fence(unit)
+    fence(harness, unit)
     view = harness.registry.get(UNIT)
     assert view is not None and view.state == "recording" and view.recording_id == "rec-7"
     assert any(e["message"] == "group work starts" for e in harness.registry.events(UNIT))
@@ -415,7 +420,7 @@ def test_two_controllers_share_the_fleet_and_answer_each_announcement_once(
     for sequence in range(count):
         _send(unit, Channel.SEGMENT, _announcement(b"x" * (sequence + 1), "rec-3", sequence))
     unit.wait_for(_on(Channel.GRANT), count=count)
-    fence(unit)
+    fence(harness, unit)
     grants = [decode(UploadGrant, m.payload) for m in _answers(unit, Channel.GRANT)]
     assert sorted(g.sequence for g in grants) == list(range(count))
 
@@ -434,3 +439,57 @@ def test_stop_leaves_no_thread_behind(harness: Harness) -> None:
     service.stop()
     assert wait_for(lambda: set(threading.enumerate()) <= before, 10), threading.enumerate()
     assert not service.connected
+
+
+def test_a_stalled_store_holds_up_only_storage_work_never_health_or_presence(
+    harness: Harness, unit: MqttTestClient, seaweedfs: SeaweedServer
+) -> None:
+    proxy = StorageProxy(seaweedfs.ports.s3, free_port())
+    proxy.start()
+    try:
+        settings = storage_settings(seaweedfs, harness.storage.bucket)
+        stalled = S3Storage(replace(settings, endpoint_url=proxy.url))
+        # Storage the controller reaches only through the proxy; the unit's own PUTs are not
+        # part of this test.
+        harness.catalogue = Catalogue(harness.db, stalled, grant_expires_s=120)
+        harness.start_service()
+        _send(unit, Channel.SEGMENT, _announcement(b"segment", recording_id="rec-s"))
+        (granted,) = unit.wait_for(_on(Channel.GRANT))
+        key = decode(UploadGrant, granted.payload).key
+        proxy.set_mode(ProxyMode.STALL)
+        report = UploadResult(recording_id="rec-s", sequence=0, key=key, ok=True, http_status=200)
+        _send(unit, Channel.UPLOAD, report)  # its verification waits on the store
+        assert wait_for(lambda: proxy.counts["stalled"] >= 1, 10)
+
+        # Behind the stalled verification, on the same unit: still handled at once.
+        _send(unit, Channel.STATUS, Status(online=True, epoch=1))
+        _send(unit, Channel.HEALTH, _health(spool_segments=7))
+        assert wait_for(lambda: _online(harness), 10)
+        assert wait_for(lambda: _spool_segments(harness) == 7, 10)
+        assert proxy.counts["passed"] == 0
+
+        proxy.set_mode(ProxyMode.PASS)  # the stall ends: the report is answered, not lost
+        (answer,) = unit.wait_for(_on(Channel.STORED), timeout=90)
+        confirmation = decode(StoredConfirmation, answer.payload)
+        assert confirmation.recording_id == "rec-s" and not confirmation.verified
+    finally:
+        proxy.stop()
+
+
+def _health(spool_segments: int) -> Health:
+    return Health(
+        state=RecorderState.IDLE,
+        disk_free_bytes=10 * 2**30,
+        disk_total_bytes=32 * 2**30,
+        can_record=True,
+        spool_segments=spool_segments,
+        spool_bytes=0,
+        uptime_s=5,
+        agent_version="0.1.0",
+        rejected_messages=0,
+    )
+
+
+def _spool_segments(harness: Harness) -> object:
+    view = harness.registry.get(UNIT)
+    return None if view is None or view.health is None else view.health.get("spool_segments")

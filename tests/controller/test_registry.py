@@ -208,14 +208,48 @@ def test_an_older_health_sample_does_not_replace_a_newer_one(
     assert view is not None and view.health is not None and view.health["spool_segments"] == 5
 
 
-def test_health_after_a_units_clock_ran_ahead_and_was_set_back_is_taken_again(
-    registry: Registry, unit: str, clock: FakeClock
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [
+        (timedelta(hours=1), timedelta(0)),  # ran ahead, then NTP set it right
+        (timedelta(0), timedelta(days=-1)),  # stepped a day back by a bad time source
+        (timedelta(0), timedelta(minutes=-6)),  # just beyond the reorder window
+    ],
+    ids=["ran-ahead-then-set-back", "set-a-day-back", "set-six-minutes-back"],
+)
+def test_health_after_a_units_clock_was_stepped_back_is_taken(
+    registry: Registry, unit: str, clock: FakeClock, first: timedelta, then: timedelta
 ) -> None:
-    registry.on_health(unit, health(clock, spool_segments=5, ts=clock() + timedelta(hours=1)))
+    registry.on_health(unit, health(clock, spool_segments=5, ts=clock() + first))
     clock.advance(10)
-    registry.on_health(unit, health(clock, spool_segments=7))
+    registry.on_health(unit, health(clock, spool_segments=7, ts=clock() + then))
     view = registry.get(unit)
     assert view is not None and view.health is not None and view.health["spool_segments"] == 7
+
+
+def test_a_batch_stores_every_units_last_sample_and_raises_each_alert_once(
+    registry: Registry, unit: str, clock: FakeClock
+) -> None:
+    registry.add_device("room-300", "North", "300")
+    hot = {"soc_temp_c": 90.0}
+    registry.on_health_batch(
+        [
+            (unit, health(clock, spool_segments=1, **hot)),
+            ("room-300", health(clock, spool_segments=2)),
+            ("room-999", health(clock, spool_segments=3)),  # not enrolled: skipped
+            (unit, health(clock, spool_segments=4, ts=clock() + timedelta(seconds=30), **hot)),
+            (unit, health(clock, spool_segments=9, ts=clock() + timedelta(seconds=20))),  # late
+        ]
+    )
+    first, second = registry.get(unit), registry.get("room-300")
+    assert first is not None and first.health is not None and second is not None
+    assert first.health["spool_segments"] == 4 and first.open_alerts == ["temperature"]
+    assert second.health is not None and second.health["spool_segments"] == 2
+    assert second.open_alerts == []
+    assert len(registry.health_history(unit)) == 1
+    clock.advance(60)
+    registry.on_health_batch([(unit, health(clock)), (unit, health(clock, **hot))])
+    assert registry.get(unit).open_alerts == ["temperature"]  # type: ignore[union-attr]
 
 
 # --- events and snapshots -------------------------------------------------------------------------
