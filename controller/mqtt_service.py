@@ -387,10 +387,11 @@ class MqttService:
         queues[shard].put(_Work(parsed.device_id, parsed.channel, message))
 
     def _rejected(self, topic_name: str, reason: str, payload: bytes) -> None:
-        self._count("messages_rejected_total")
         log.warning(
             "rejected message topic=%s reason=%s bytes=%d", topic_name, reason, len(payload)
         )
+        # Counted once logged, so whoever sees the count also finds the reason in the log.
+        self._count("messages_rejected_total")
 
     # --- workers ------------------------------------------------------------------------------
 

@@ -417,11 +417,12 @@ class Link:
     ) -> None:
         """Counts and logs a bad message; only payloads on the unit's own channels go to
         ``on_rejected``, which may answer them (a command id gets a rejection)."""
-        with self._lock:
-            self._rejected += 1
         log.warning(
             "rejected message topic=%s reason=%s bytes=%d", topic_name, reason, len(payload)
         )
+        # Counted once logged, so whoever sees the count also finds the reason in the log.
+        with self._lock:
+            self._rejected += 1
         if channel is None or self._on_rejected is None:
             return
         try:
