@@ -50,6 +50,8 @@ class ApiRoute:
     status: int
     media_type: str
     errors: tuple[int, ...]
+    # A body that is a file of one of these media types rather than a JSON object.
+    files: tuple[str, ...]
 
     @property
     def openapi_path(self) -> str:
@@ -113,6 +115,7 @@ class ApiTable:
         status: int = 200,
         media_type: str = "application/json",
         errors: tuple[int, ...] = (),
+        files: tuple[str, ...] = (),
     ) -> Callable[[View], View]:
         def register(fn: View) -> View:
             spec = ApiRoute(
@@ -127,6 +130,7 @@ class ApiTable:
                 status,
                 media_type,
                 tuple(sorted({401, 403, *errors, *((422,) if query or body else ())})),
+                files,
             )
 
             @functools.wraps(fn)
@@ -197,6 +201,11 @@ def build_document(
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": ref(r.body, "validation")}},
+            }
+        elif r.files:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {kind: {"schema": {"type": "string"}} for kind in r.files},
             }
         if r.response is not None:
             body_schema = ref(r.response, "serialization")

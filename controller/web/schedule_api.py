@@ -489,6 +489,7 @@ def import_out(imported: Imported) -> ImportOut:
     query=ImportQuery,
     response=ImportOut,
     errors=(404, 409, 415),
+    files=(CSV, ICS),
 )
 @_refusals_answered
 def import_bell_schedules_file(school_id: int, query: ImportQuery) -> ImportOut:
@@ -503,6 +504,7 @@ def import_bell_schedules_file(school_id: int, query: ImportQuery) -> ImportOut:
     access=Role.TECHNICIAN,
     response=ImportOut,
     errors=(404, 409, 415),
+    files=(CSV, ICS),
 )
 @_refusals_answered
 def import_calendar_file(school_id: int) -> ImportOut:

@@ -427,6 +427,8 @@ def test_openapi_documents_every_api_route(
     ref = command["requestBody"]["content"]["application/json"]["schema"]["$ref"]
     body_schema = doc["components"]["schemas"][ref.rsplit("/", 1)[-1]]
     assert body_schema["properties"]["expires_in_s"]["maximum"] == 3600
+    calendar_import = doc["paths"]["/api/v1/scheduling/schools/{school_id}/import/calendar"]
+    assert set(calendar_import["post"]["requestBody"]["content"]) == {"text/csv", "text/calendar"}
     for path, ops in doc["paths"].items():
         for op in ops.values():
             for response in op["responses"].values():
