@@ -86,6 +86,8 @@ class AgentProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            # A group of its own, so that a power cut can take its encoder down with it.
+            start_new_session=True,
         )
         assert wait_for(lambda: self._status() is not None, 20), self.log_tail()
         if wait_connected:
@@ -123,8 +125,10 @@ class AgentProcess:
         )
 
     def kill9(self) -> None:
+        """A power cut: SIGKILL to the agent and its encoder at once (an orphaned encoder
+        would go on writing into the spool)."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
         self._close_log()
 
