@@ -11,7 +11,7 @@ hovering at a threshold does not flap.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -19,7 +19,7 @@ from enum import StrEnum
 from sqlalchemy import and_, exists, func, select, update
 from sqlalchemy.orm import Session
 
-from controller.db import Database, affected, paginate
+from controller.db import Database, affected, in_chunks, paginate
 from controller.models import Alert, Device
 from controller.views import AlertView, Page
 from shared.clock import utcnow
@@ -30,8 +30,6 @@ __all__ = ["AlertEngine", "AlertKind", "AlertThresholds", "AlertView", "Page", "
 log = logging.getLogger(__name__)
 
 _MB = 1024 * 1024
-# Keeps IN (...) lists well inside every backend's parameter limit.
-_CHUNK = 500
 
 
 class AlertKind(StrEnum):
@@ -257,7 +255,7 @@ class AlertEngine:
                 .with_for_update(of=Device)
             ).all()
             raised = 0
-            for chunk in _chunks([(row[0], row[1]) for row in candidates]):
+            for chunk in in_chunks([(row[0], row[1]) for row in candidates]):
                 already = set(
                     session.scalars(
                         select(Alert.device_id).where(
@@ -379,14 +377,10 @@ def open_alerts_of(session: Session, device_ids: Iterable[str]) -> dict[str, dic
     """Each unit's open alerts by kind, in one query (units with none map to an empty dict)."""
     ids = sorted(set(device_ids))
     found: dict[str, dict[str, Alert]] = {device_id: {} for device_id in ids}
-    for chunk in (ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)):
+    for chunk in in_chunks(ids):
         alerts = session.scalars(
             select(Alert).where(Alert.device_id.in_(chunk), Alert.cleared_at.is_(None))
         )
         for alert in alerts:
             found[alert.device_id][alert.kind] = alert
     return found
-
-
-def _chunks(items: Sequence[tuple[str, datetime]]) -> list[Sequence[tuple[str, datetime]]]:
-    return [items[i : i + _CHUNK] for i in range(0, len(items), _CHUNK)]

@@ -142,6 +142,16 @@ class Database:
 
 
 MAX_PER_PAGE = 1000
+# Keeps IN (...) lists well inside every backend's parameter limit.
+IN_CHUNK = 500
+
+T = TypeVar("T")
+
+
+def in_chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    """``items`` in slices short enough for one ``IN (...)`` each."""
+    for start in range(0, len(items), IN_CHUNK):
+        yield items[start : start + IN_CHUNK]
 
 
 # Any select, whatever its row shape.

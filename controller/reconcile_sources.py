@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from controller.catalogue import MANIFEST_FILENAME
-from controller.db import Database
+from controller.db import Database, in_chunks
 from controller.models import Alert, Recording, Segment
 from controller.reconcile import (
     CatalogueRecording,
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 _DESIRED_KEY = "desired_state"
 # What a spool folder keeps beside the video (device.spool's bookkeeping files).
 _BOOKKEEPING = frozenset({MANIFEST_NAME, SEGMENT_LIST_NAME, MANIFEST_NAME + ".tmp"})
-# Bound parameters per IN clause, well under every backend's limit.
-_CHUNK = 500
 HASH_WORKERS = 4
 
 
@@ -259,7 +257,7 @@ def recording_owners(db: Database, recording_ids: Collection[str]) -> dict[str, 
         with db.session(readonly=True) as session:
             return {
                 recording_id: device_id
-                for chunk in _chunks(recording_ids)
+                for chunk in in_chunks(sorted(recording_ids))
                 for recording_id, device_id in session.execute(
                     select(Recording.id, Recording.device_id).where(Recording.id.in_(chunk))
                 )
@@ -275,12 +273,12 @@ def load_catalogue(
     try:
         with db.session(readonly=True) as session:
             found: dict[str, Recording] = {}
-            for chunk in _chunks(recording_ids):
+            for chunk in in_chunks(sorted(recording_ids)):
                 found.update(
                     (r.id, r)
                     for r in session.scalars(select(Recording).where(Recording.id.in_(chunk)))
                 )
-            for chunk in _chunks(device_ids):
+            for chunk in in_chunks(sorted(device_ids)):
                 found.update(
                     (r.id, r)
                     for r in session.scalars(
@@ -313,7 +311,7 @@ def _catalogue_segments(
     session: Session, recordings: Mapping[str, Recording]
 ) -> dict[str, list[CatalogueSegment]]:
     segments: dict[str, list[CatalogueSegment]] = defaultdict(list)
-    for chunk in _chunks(recordings):
+    for chunk in in_chunks(sorted(recordings)):
         for s in session.scalars(
             select(Segment)
             .where(Segment.recording_id.in_(chunk))
@@ -355,12 +353,6 @@ def _span(recording_id: str, item: Any) -> Span:
             f"catalogue recording {recording_id} has an unreadable gap: {exc}"
         ) from exc
     return Span(gap.start, gap.end, gap.reason)
-
-
-def _chunks(values: Collection[str]) -> Iterator[list[str]]:
-    ordered = sorted(values)
-    for start in range(0, len(ordered), _CHUNK):
-        yield ordered[start : start + _CHUNK]
 
 
 # --- storage --------------------------------------------------------------------------------

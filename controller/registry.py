@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from controller.alerts import AlertEngine, open_alerts_of
-from controller.db import Database, affected, paginate
+from controller.db import Database, affected, in_chunks, paginate
 from controller.models import Alert, Device, DeviceEvent, HealthSample
 from controller.views import DeviceView, Page
 from shared.clock import utcnow
@@ -139,7 +139,7 @@ class Registry:
         """Which of these units are enrolled."""
         found: set[str] = set()
         with self._db.session(readonly=True) as session:
-            for chunk in _chunks(sorted(set(device_ids))):
+            for chunk in in_chunks(sorted(set(device_ids))):
                 found.update(session.scalars(select(Device.id).where(Device.id.in_(chunk))))
         return found
 
@@ -288,7 +288,7 @@ class Registry:
         ids = sorted({device_id for device_id, _ in samples})
         with self._db.session(durable=False) as session:
             devices: dict[str, Device] = {}
-            for chunk in _chunks(ids):
+            for chunk in in_chunks(ids):
                 # In id order, so two controllers locking overlapping batches cannot deadlock.
                 rows = session.scalars(
                     select(Device).where(Device.id.in_(chunk)).order_by(Device.id).with_for_update()
@@ -327,7 +327,7 @@ class Registry:
         self, session: Session, device_ids: builtins.list[str]
     ) -> dict[str, datetime]:
         last: dict[str, datetime] = {}
-        for chunk in _chunks(device_ids):
+        for chunk in in_chunks(device_ids):
             rows = session.execute(
                 select(HealthSample.device_id, func.max(HealthSample.ts))
                 .where(HealthSample.device_id.in_(chunk))
@@ -511,8 +511,6 @@ class Registry:
 # Samples a unit sent this close together may arrive swapped (across a reconnect); a sample
 # further behind the kept one means the unit's clock was stepped back.
 _REORDER_WINDOW = timedelta(minutes=5)
-# Keeps IN (...) lists well inside every backend's parameter limit.
-_CHUNK = 500
 
 
 def _locked(session: Session, device_id: str) -> Device | None:
@@ -533,10 +531,6 @@ def _newer_sample_kept(device: Device, health: Health) -> bool:
     except ValueError:
         return False
     return timedelta(0) < kept_ts - health.ts <= _REORDER_WINDOW
-
-
-def _chunks(ids: builtins.list[str]) -> builtins.list[builtins.list[str]]:
-    return [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
 
 
 def _open_kinds(session: Session, device_ids: builtins.list[str]) -> dict[str, set[str]]:

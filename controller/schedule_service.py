@@ -16,18 +16,18 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement, and_, delete, exists, insert, select, update
 from sqlalchemy.orm import Session
 
 from controller.alerts import AlertKind, set_alert
-from controller.db import Database
+from controller.db import Database, in_chunks
 from controller.models import Alert, CaptureWindowRow, Device, Recording, SchoolRow
 from controller.registry import Registry, UnknownDevice
 from controller.schedules import ScheduleError, ScheduleStore
@@ -51,8 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Keeps IN (...) lists well inside every backend's parameter limit.
-_CHUNK = 500
 # A unit applies a new desired state within seconds; only one pending longer is a cause.
 _APPLY_GRACE = timedelta(seconds=60)
 _STOP_TIMEOUT_S = 10.0
@@ -113,14 +111,6 @@ class TimelineEntry:
 class RefreshResult:
     windows: int  # windows in the horizon after the refresh
     pushed: list[str] = field(default_factory=list)  # units that got a new desired version
-
-
-T = TypeVar("T")
-
-
-def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), _CHUNK):
-        yield items[i : i + _CHUNK]
 
 
 # Columns refresh takes from the expansion; a change in any rewrites the row.
@@ -311,7 +301,7 @@ class ScheduleService:
                 if units is None
                 else [
                     select(Device.id, Device.desired).where(Device.id.in_(chunk))
-                    for chunk in _chunks(sorted(units))
+                    for chunk in in_chunks(sorted(units))
                 ]
             )
             for query in queries:
@@ -367,7 +357,7 @@ class ScheduleService:
             rows = list(session.execute(select(*columns).where(*_in_span(school_id, first, last))))
             # A window id may still be held by an old row of another school (a renamed one).
             known = {row.window_id for row in rows}
-            for chunk in _chunks(sorted(planned.keys() - known)):
+            for chunk in in_chunks(sorted(planned.keys() - known)):
                 rows += session.execute(
                     select(*columns).where(CaptureWindowRow.window_id.in_(chunk))
                 )
@@ -389,7 +379,7 @@ class ScheduleService:
                 session.execute(insert(CaptureWindowRow), inserts)
             if updates:
                 session.execute(update(CaptureWindowRow), updates)
-            for chunk in _chunks(removed):
+            for chunk in in_chunks(removed):
                 session.execute(
                     delete(CaptureWindowRow).where(CaptureWindowRow.window_id.in_(chunk))
                 )
@@ -601,7 +591,7 @@ def _updated(stored: dict[str, Any], values: dict[str, Any], now: datetime) -> d
 
 def _recorded(session: Session, window_ids: list[str]) -> set[str]:
     found: set[str] = set()
-    for chunk in _chunks(window_ids):
+    for chunk in in_chunks(window_ids):
         found |= {
             wid
             for wid in session.scalars(
